@@ -1,0 +1,20 @@
+"""npformer: a reverse-mode autograd engine and a Transformer, on NumPy (CPU) or CuPy (GPU).
+
+    import npformer as nf
+    x = nf.tensor([[1.0, 2.0]], requires_grad=True)
+    y = (x * x).sum()
+    y.backward()            # x.grad == [[2., 4.]]
+"""
+
+from . import backend, ops, random
+from .autograd import is_grad_enabled, no_grad, set_grad_enabled
+from .creation import arange, full, ones, ones_like, rand, randn, zeros, zeros_like
+from .gradcheck import GradcheckError, gradcheck
+from .ops import (abs, add, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu,
+                  getitem, layer_norm, log, log_softmax, masked_fill, matmul, max, maximum, mean,
+                  minimum, mul, neg, permute, pow, relu, reshape, sigmoid, softmax, split, sqrt, stack,
+                  sub, sum, tanh, transpose, var, where)
+from .random import manual_seed
+from .tensor import Tensor, tensor
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""The reverse-mode engine: graph recording, topological order, accumulation.
+
+A tensor produced by an op while gradients are enabled remembers its
+``_parents`` (the input tensors) and a ``_backward`` closure that maps the
+gradient of the output to one gradient per parent (or None for a parent that
+needs none). ``backward`` walks the graph once in reverse topological order,
+summing every contribution a tensor receives before passing its gradient on,
+so a tensor used twice gets both contributions. Backward closures never
+mutate anything: the engine alone accumulates.
+
+See docs/autograd.md for a walk-through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from . import backend
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """True unless inside ``no_grad()``."""
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def set_grad_enabled(enabled: bool):
+    """Context manager that turns graph recording on or off."""
+    prev = is_grad_enabled()
+    _state.grad_enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.grad_enabled = prev
+
+
+def no_grad():
+    """Context manager: ops inside record no graph and their results need no grad."""
+    return set_grad_enabled(False)
+
+
+def _topological_order(root):
+    """Tensors reachable from `root` through recorded ops, every tensor after all its parents.
+
+    Iterative depth-first search (a chain of 100,000 ops must not hit Python's
+    recursion limit). Leaves are included; tensors that need no grad are not.
+    """
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        if t._parents is not None:
+            for p in t._parents:
+                if p.requires_grad and id(p) not in visited:
+                    stack.append((p, False))
+    return order
+
+
+def backward(root, grad=None, retain_graph: bool = False) -> None:
+    """Accumulate d(root)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+    root: the tensor to differentiate. grad: d(loss)/d(root), same shape as root;
+    may be omitted only when root has one element (it is then 1).
+    retain_graph: keep the recorded graph so backward can run through it again.
+    """
+    if not root.requires_grad:
+        raise RuntimeError("backward: the tensor does not require grad and has no grad_fn "
+                           "(was it computed under no_grad(), or from tensors with requires_grad=False?)")
+    xp = backend.get_array_module(root.data)
+    if grad is None:
+        if root.data.size != 1:
+            raise RuntimeError(f"backward: grad can be implicitly created only for a tensor with one "
+                               f"element; got shape {tuple(root.shape)}; pass grad= of that shape")
+        grad = xp.ones_like(root.data)
+    else:
+        grad = grad.data if hasattr(grad, "_parents") else grad
+        if backend.get_array_module(grad) is not xp:
+            raise backend.DeviceMismatchError(
+                f"backward: grad is on {backend.device_of(grad)} but the tensor is on {root.device}")
+        if tuple(grad.shape) != tuple(root.shape):
+            raise ValueError(f"backward: grad has shape {tuple(grad.shape)} but the tensor has shape "
+                             f"{tuple(root.shape)}")
+        grad = grad.astype(root.dtype, copy=False)
+
+    grads = {id(root): grad}
+    for t in reversed(_topological_order(root)):
+        g = grads.pop(id(t), None)
+        if g is None:
+            continue
+        if t._parents is None:  # a leaf, or a non-leaf whose graph was freed
+            if t._freed:
+                raise RuntimeError("backward: trying to backward through the graph a second time; "
+                                   "its buffers were freed. Pass retain_graph=True the first time.")
+            t._accumulate(g)
+            continue
+        if t._retains_grad:
+            t._accumulate(g)
+        parent_grads = t._backward(g)
+        for p, pg in zip(t._parents, parent_grads):
+            if pg is None or not p.requires_grad:
+                continue
+            if not backend.is_array(pg):  # a 0-d result may come back as a scalar
+                pg = xp.asarray(pg, dtype=p.dtype)
+            prev = grads.get(id(p))
+            grads[id(p)] = pg if prev is None else prev + pg
+        if not retain_graph:
+            t._parents = None
+            t._backward = None
+            t._freed = True

@@ -1,0 +1,70 @@
+"""Activations: tanh, sigmoid, relu and gelu (exact and tanh forms, fused backward).
+
+The GELU derivations are in docs/derivations.md#gelu.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import backend
+from ._core import register, result, tensors
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@register
+def tanh(a):
+    """tanh(a). d/da = 1 - tanh(a)^2."""
+    (a,) = tensors("tanh", a)
+    out = a.xp.tanh(a.data)
+    return result(out, (a,), lambda g: (g * (1 - out * out),), "tanh")
+
+
+@register
+def sigmoid(a):
+    """1 / (1 + e^-a), computed without overflow. d/da = s (1 - s)."""
+    (a,) = tensors("sigmoid", a)
+    # 0.5 (1 + tanh(a/2)) equals the logistic function and never overflows.
+    out = 0.5 * (1 + a.xp.tanh(0.5 * a.data))
+    return result(out, (a,), lambda g: (g * out * (1 - out),), "sigmoid")
+
+
+@register
+def relu(a):
+    """max(a, 0). d/da = 1 where a > 0, else 0."""
+    (a,) = tensors("relu", a)
+    out = a.xp.maximum(a.data, 0)
+    return result(out, (a,), lambda g: (g * (a.data > 0),), "relu")
+
+
+@register
+def gelu(a, approximate: str = "none"):
+    """GELU(a) = a * Phi(a), Phi the standard normal CDF.
+
+    approximate="none": Phi(a) = (1 + erf(a / sqrt 2)) / 2, and
+        d/da = Phi(a) + a * phi(a), phi(a) = exp(-a^2/2) / sqrt(2 pi).
+    approximate="tanh" (GPT-2's "gelu_new"): Phi(a) ~ (1 + tanh(u)) / 2 with
+        u = sqrt(2/pi) (a + 0.044715 a^3), and
+        d/da = (1 + t)/2 + a (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 a^2) / 2, t = tanh(u).
+    """
+    (a,) = tensors("gelu", a)
+    x, xp = a.data, a.xp
+    if approximate == "none":
+        cdf = 0.5 * (1 + backend.erf(x * _INV_SQRT_2))
+        out = x * cdf
+
+        def backward(g):
+            return (g * (cdf + x * (_INV_SQRT_2PI * xp.exp(-0.5 * x * x))),)
+    elif approximate == "tanh":
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        out = 0.5 * x * (1 + t)
+
+        def backward(g):
+            du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+            return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
+    else:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh'; got {approximate!r}")
+    return result(out, (a,), backward, "gelu")

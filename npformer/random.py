@@ -1,0 +1,32 @@
+"""Seeded random generators, one global generator per device (like torch.manual_seed).
+
+Everything random in npformer (initialisation, dropout, sampling) takes an
+optional ``generator``; when it is None the global generator of the device is
+used. ``manual_seed(s)`` reseeds all of them.
+"""
+
+from __future__ import annotations
+
+from . import backend
+
+_generators: dict = {}
+_seed = 0
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the global generator of every device."""
+    global _seed
+    _seed = int(seed)
+    _generators.clear()
+
+
+def default_generator(device: str = "cpu"):
+    """The global generator of `device`, created from the last manual_seed on first use."""
+    if device not in _generators:
+        _generators[device] = backend.default_rng(_seed, device)
+    return _generators[device]
+
+
+def Generator(seed=None, device: str = "cpu"):
+    """A new independent generator (numpy.random.Generator on cpu, cupy's on gpu)."""
+    return backend.default_rng(seed, device)
