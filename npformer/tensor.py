@@ -73,7 +73,8 @@ class Tensor:
 
     @property
     def is_leaf(self) -> bool:
-        return self._backward is None
+        """True for tensors made by the user (not by an op), even after backward freed the graph."""
+        return self._backward is None and not self._freed
 
     @property
     def grad_fn(self):
