@@ -194,9 +194,10 @@ def _erf_float32(x):
 
 def erf(x):
     """The error function, elementwise, keeping the dtype of `x`."""
-    if not isinstance(x, np.ndarray):
+    if not isinstance(x, (np.ndarray, np.generic)):   # NumPy arithmetic on a 0-d array gives a scalar
         import cupyx.scipy.special
         return cupyx.scipy.special.erf(x)
+    x = np.asarray(x)
     if x.dtype == np.float32:
         return _erf_float32(x)
     return _erf_float64(np.asarray(x, dtype=np.float64)).astype(x.dtype, copy=False)

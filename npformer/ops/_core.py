@@ -85,5 +85,6 @@ def normalize_axis(name: str, axis, ndim: int):
     for a in axes:
         if not -max(ndim, 1) <= a < max(ndim, 1):
             raise ValueError(f"{name}: axis {a} is out of range for a tensor with {ndim} dimensions")
-        out.append(a % ndim if ndim else 0)
+        if ndim:  # a 0-d tensor accepts axis 0 / -1 (as torch does) and reduces over nothing
+            out.append(a % ndim)
     return tuple(out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import backend, random
 from ..tensor import Tensor
-from ._core import needs, register, result, tensors
+from ._core import needs, normalize_axis, register, result, tensors
 
 
 @register
@@ -20,6 +20,7 @@ def softmax(a, axis=-1):
     Backward: da = y * (g - sum(g * y, axis)).   (docs/derivations.md#softmax)
     """
     (a,) = tensors("softmax", a)
+    normalize_axis("softmax", axis, a.ndim)          # an out-of-range axis names the op
     xp = a.xp
     e = xp.exp(a.data - a.data.max(axis=axis, keepdims=True))
     y = e / e.sum(axis=axis, keepdims=True)
@@ -37,6 +38,7 @@ def log_softmax(a, axis=-1):
     Backward: da = g - exp(y) * sum(g, axis).   (docs/derivations.md#log-softmax)
     """
     (a,) = tensors("log_softmax", a)
+    normalize_axis("log_softmax", axis, a.ndim)
     xp = a.xp
     shifted = a.data - a.data.max(axis=axis, keepdims=True)
     y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
@@ -55,7 +57,8 @@ def cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: flo
     target: integer (), (N,) or (N, d1, ...); entries equal to `ignore_index`
     contribute nothing. With p = softmax(logits), eps = label_smoothing and
     q = (1 - eps) onehot(target) + eps / C, each loss is -sum_c q_c log p_c.
-    reduction: "mean" (over non-ignored targets), "sum" or "none".
+    reduction: "mean" (over non-ignored targets), "sum" or "none". With every
+    target ignored, "mean" is nan (0/0) and the gradient zero, as in torch.
 
     Backward: dlogits = (p - q) * g / n, masked where ignored.   (docs/derivations.md#cross-entropy)
     """
@@ -114,7 +117,8 @@ def cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: flo
         elif reduction == "sum":
             scale = g * vmask
         else:
-            scale = (g / n_valid.astype(z.dtype)) * vmask
+            # every target ignored: the loss is 0/0 = nan, but the gradient is 0 (as in torch)
+            scale = (g / xp.maximum(n_valid, 1).astype(z.dtype)) * vmask
         d *= scale[:, None]
         if x.ndim <= 2:
             return (d.reshape(x.shape),)
