@@ -30,3 +30,8 @@ def default_generator(device: str = "cpu"):
 def Generator(seed=None, device: str = "cpu"):
     """A new independent generator (numpy.random.Generator on cpu, cupy's on gpu)."""
     return backend.default_rng(seed, device)
+
+
+def set_default_generator(device: str, generator) -> None:
+    """Make `generator` the global generator of `device` (used when an op gets generator=None)."""
+    _generators[device] = generator

@@ -1,0 +1,218 @@
+"""The engine (npformer/autograd.py): accumulation, deep graphs, no_grad, retain_graph, errors.
+
+Every test builds its tensors on the device under test (NPFORMER_DEVICE) with
+``T`` and reads them back with ``host``.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+import npformer as nf
+from npformer.autograd import is_grad_enabled, no_grad, set_grad_enabled
+from tests.helpers import T, host
+
+
+def _rand(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+def test_square_by_self_multiplication_gives_two_x():
+    x0 = _rand(0, 3, 4)
+    x = T(x0, requires_grad=True)
+    (x * x).sum().backward()
+    np.testing.assert_allclose(host(x.grad), 2 * x0, rtol=1e-15)
+
+
+def test_weight_used_twice_gets_both_contributions():
+    # y = (x @ w) @ w.T  uses w twice: dL/dw = x^T G w + G^T (x w) with G = dL/dy = ones.
+    x0, w0 = _rand(1, 2, 3), _rand(2, 3, 4)
+    x, w = T(x0), T(w0, requires_grad=True)
+    h = x @ w                                  # (2, 4)
+    y = h @ w.T                                # (2, 3)
+    y.sum().backward()
+    G = np.ones((2, 3))
+    expected = x0.T @ G @ w0 + G.T @ (x0 @ w0)
+    np.testing.assert_allclose(host(w.grad), expected, rtol=1e-12)
+
+
+def test_shared_subexpression_diamond():
+    # a feeds b and c, which meet again: d = b * c = (2a)(a + 1), dd/da = 4a + 2.
+    a0 = _rand(3, 5)
+    a = T(a0, requires_grad=True)
+    b = a * 2.0
+    c = a + 1.0
+    (b * c).sum().backward()
+    np.testing.assert_allclose(host(a.grad), 4 * a0 + 2, rtol=1e-14)
+
+
+def test_deep_chain_backpropagates_without_recursion_error():
+    n = 100_000
+    x = T(np.array(1.5), requires_grad=True)
+    y = x
+    start = time.perf_counter()
+    for _ in range(n):
+        y = y + 1.0
+    y.backward()
+    elapsed = time.perf_counter() - start
+    assert host(y).item() == pytest.approx(1.5 + n)
+    assert host(x.grad).item() == 1.0
+    assert elapsed < 30.0, f"a chain of {n} adds took {elapsed:.1f} s"
+
+
+def test_gradients_accumulate_over_two_passes():
+    x0 = _rand(4, 3)
+    x = T(x0, requires_grad=True)
+    for _ in range(2):
+        (x * x * x).sum().backward()
+    np.testing.assert_allclose(host(x.grad), 2 * 3 * x0 ** 2, rtol=1e-14)
+    x.zero_grad()
+    assert x.grad is None
+
+
+# ----------------------------------------------------------------------------- graph recording
+
+def test_no_grad_records_no_graph():
+    x = T(_rand(5, 3), requires_grad=True)
+    with no_grad():
+        assert not is_grad_enabled()
+        y = (x * 2.0).exp().sum()
+    assert is_grad_enabled()
+    assert not y.requires_grad and y.is_leaf and y.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.backward()
+
+
+def test_set_grad_enabled_restores_after_exception():
+    assert is_grad_enabled()
+    with pytest.raises(ZeroDivisionError):
+        with set_grad_enabled(False):
+            assert not is_grad_enabled()
+            1 / 0
+    assert is_grad_enabled()
+    # nesting: enabling inside no_grad records again, and the outer state comes back
+    x = T(_rand(6, 2), requires_grad=True)
+    with no_grad():
+        with set_grad_enabled(True):
+            inner = x * 3.0
+        assert not is_grad_enabled()
+        outer = x * 3.0
+    assert inner.requires_grad and inner.grad_fn == "mul"
+    assert not outer.requires_grad
+
+
+def test_retain_graph_allows_second_backward_and_accumulates():
+    x0 = _rand(7, 4)
+    x = T(x0, requires_grad=True)
+    y = (x * x).sum()
+    y.backward(retain_graph=True)
+    np.testing.assert_allclose(host(x.grad), 2 * x0, rtol=1e-15)
+    y.backward()
+    np.testing.assert_allclose(host(x.grad), 4 * x0, rtol=1e-15)
+
+
+def test_second_backward_without_retain_graph_raises():
+    x = T(_rand(8, 4), requires_grad=True)
+    y = (x * x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="second time.*retain_graph=True"):
+        y.backward()
+    # the same applies to a new node built on top of a freed one
+    z = y * 2.0
+    with pytest.raises(RuntimeError, match="second time"):
+        z.backward()
+
+
+def test_detach_cuts_graph_and_shares_data():
+    x0 = _rand(9, 3)
+    x = T(x0, requires_grad=True)
+    y = x * 2.0
+    d = y.detach()
+    assert d.data is y.data
+    assert not d.requires_grad and d.is_leaf
+    # a graph through the detached copy reaches x only along the other branch
+    (d * x).sum().backward()
+    np.testing.assert_allclose(host(x.grad), 2 * x0, rtol=1e-15)
+
+
+def test_retain_grad_stores_grad_on_non_leaf():
+    x0 = _rand(10, 2, 3)
+    x = T(x0, requires_grad=True)
+    h = (x * 3.0).retain_grad()
+    plain = x * 5.0
+    (h * h + plain).sum().backward()
+    np.testing.assert_allclose(host(h.grad), 2 * 3 * x0, rtol=1e-14)
+    assert plain.grad is None
+    np.testing.assert_allclose(host(x.grad), 2 * 9 * x0 + 5, rtol=1e-14)
+
+
+def test_leaf_grads_are_owned():
+    # add's backward hands the same array to both parents (and it is the caller's grad):
+    # each leaf must store its own copy.
+    a, b = T(np.zeros(3), requires_grad=True), T(np.zeros(3), requires_grad=True)
+    g = T(np.ones(3))
+    (a + b).backward(g)
+    a.grad[0] = 42.0
+    assert host(b.grad).tolist() == [1.0, 1.0, 1.0]
+    assert host(g).tolist() == [1.0, 1.0, 1.0]
+    assert a.grad is not b.grad
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+def _small_network(dtype):
+    rng = np.random.default_rng(11)
+    x = T(rng.standard_normal((4, 6)), dtype=dtype)
+    w1 = T(rng.standard_normal((6, 8)) * 0.3, requires_grad=True, dtype=dtype)
+    b1 = T(np.zeros(8), requires_grad=True, dtype=dtype)
+    ln_w = T(np.ones(8), requires_grad=True, dtype=dtype)
+    w2 = T(rng.standard_normal((8, 5)) * 0.3, requires_grad=True, dtype=dtype)
+    h = nf.layer_norm(nf.gelu(x @ w1 + b1), 8, weight=ln_w)
+    h = h * 0.5 + 2.0 * h.tanh() - h / 3.0 + h ** 2 * 0.1
+    logits = h @ w2
+    loss = nf.cross_entropy(logits, T(np.array([0, 1, 4, 2]))) + logits.softmax(-1).var() * 1e-3
+    return loss, (w1, b1, ln_w, w2), (h, logits)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_is_kept_through_network_and_gradients(dtype):
+    loss, params, inner = _small_network(dtype)
+    assert loss.dtype == dtype and all(t.dtype == dtype for t in inner)
+    loss.backward()
+    for p in params:
+        assert p.grad is not None and p.grad.dtype == dtype, (p.shape, p.grad)
+        assert np.isfinite(host(p.grad)).all()
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_backward_on_non_scalar_needs_grad():
+    y = T(_rand(12, 2, 3), requires_grad=True) * 2.0
+    with pytest.raises(RuntimeError, match=r"one element.*\(2, 3\)"):
+        y.backward()
+
+
+def test_backward_with_wrong_grad_shape_names_both_shapes():
+    y = T(_rand(13, 2, 3), requires_grad=True) * 2.0
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)"):
+        y.backward(T(np.ones((3, 2))))
+
+
+def test_one_element_non_scalar_gets_implicit_grad():
+    x = T(np.array([[2.0]]), requires_grad=True)
+    (x * x).backward()
+    assert host(x.grad).tolist() == [[4.0]]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_requires_grad_on_non_float_raises(dtype):
+    name = np.dtype(dtype).name
+    with pytest.raises(TypeError, match=name):
+        T(np.array([1, 0]), requires_grad=True, dtype=dtype)
+    t = T(np.array([1, 0]), dtype=dtype)
+    with pytest.raises(TypeError, match=name):
+        t.requires_grad_()
+    assert not t.requires_grad
