@@ -1,0 +1,5 @@
+"""Data for pretraining: tokenizers, the built-in toy language, text loading and batch sampling."""
+
+from .corpus import ToyLanguage, default_corpus
+from .dataset import BatchSampler, DataError, DataFileNotFoundError, load_text, split_train_val
+from .tokenizers import ByteBPETokenizer, CharTokenizer, load_tokenizer
