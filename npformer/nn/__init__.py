@@ -1,0 +1,21 @@
+"""Neural-network layers and the Transformer, with torch.nn's names, arguments and semantics.
+
+Parameter names match torch's one-to-one (``encoder.layers.0.self_attn.in_proj_weight``), so
+state dicts move between the two unchanged. One deliberate difference: ``batch_first=True``
+is the default everywhere (inputs (B, T, D)); torch's default is time first.
+"""
+
+from . import functional, init
+from .attention import MultiHeadAttention, MultiheadAttention
+from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, ModuleList, ReLU, Sequential,
+                     Tanh)
+from .module import Module, Parameter
+from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                          TransformerEncoderLayer)
+
+__all__ = ["Module", "Parameter", "functional", "init", "Linear", "Embedding", "LayerNorm", "Dropout",
+           "ModuleList", "Sequential", "ReLU", "GELU", "Tanh", "Identity", "MultiHeadAttention",
+           "MultiheadAttention", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
+           "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
+           "Transformer"]

@@ -1,0 +1,155 @@
+"""Functional forms of the layers, with torch.nn.functional's names and torch-style ``dim``.
+
+The maths lives in npformer.ops (which spells axes NumPy's way, ``axis``); this
+file adapts the names and adds ``linear`` and ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend, ops
+from ..tensor import Tensor
+
+
+def linear(x, weight, bias=None):
+    """y = x @ weight^T + bias.  x: (..., in); weight: (out, in) as torch; bias: (out,)."""
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match weight of shape "
+                         f"{tuple(weight.shape)} (expected input (..., {weight.shape[-1]}))")
+    y = ops.matmul(x, ops.transpose(weight, 0, 1))
+    return y if bias is None else y + bias
+
+
+def softmax(x, dim: int = -1):
+    return ops.softmax(x, axis=dim)
+
+
+def log_softmax(x, dim: int = -1):
+    return ops.log_softmax(x, axis=dim)
+
+
+def cross_entropy(input, target, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  reduction: str = "mean"):
+    """torch.nn.functional.cross_entropy without class weights: input (N, C) or (N, C, d1, ...)."""
+    return ops.cross_entropy(input, target, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, reduction=reduction)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    return ops.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def gelu(x, approximate: str = "none"):
+    return ops.gelu(x, approximate=approximate)
+
+
+def relu(x):
+    return ops.relu(x)
+
+
+def tanh(x):
+    return ops.tanh(x)
+
+
+def dropout(x, p: float = 0.5, training: bool = True, generator=None):
+    return ops.dropout(x, p=p, training=training, generator=generator)
+
+
+def embedding(input, weight):
+    """Rows of weight (V, D) at integer indices `input` (any shape) -> (*input.shape, D)."""
+    return ops.embedding(weight, input)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def mask_array(mask, like: Tensor):
+    """A mask (Tensor, array or nested list) as an array on `like`'s device; None stays None."""
+    if mask is None:
+        return None
+    m = mask.data if isinstance(mask, Tensor) else mask
+    if not backend.is_array(m):
+        m = like.xp.asarray(m)
+    if backend.device_of(m) != like.device:
+        raise backend.DeviceMismatchError(f"attention mask is on {backend.device_of(m)} but the "
+                                          f"inputs are on {like.device}")
+    return m
+
+
+def check_mask(where: str, name: str, mask, ok: bool, expected: str) -> None:
+    """Raise unless `mask` is bool or floating (TypeError) and `ok` says its shape fits (ValueError)."""
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+        raise TypeError(f"{where}: {name} must be a bool or floating-point mask; got dtype {mask.dtype} "
+                        f"(shape {tuple(mask.shape)})")
+    if not ok:
+        raise ValueError(f"{where}: {name} has shape {tuple(mask.shape)}; expected {expected}")
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """True when `shape` broadcasts to `target` without enlarging it."""
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
+def causal_mask(L: int, S: int, xp=np):
+    """(L, S) bool, True on and below the diagonal (top-left aligned): query i may attend keys 0..i."""
+    return xp.tri(L, S, dtype=bool)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale=None, need_weights: bool = False,
+                                 generator=None):
+    """softmax(q k^T * scale + mask) v, torch.nn.functional.scaled_dot_product_attention's semantics.
+
+    query: (..., L, E); key: (..., S, E); value: (..., S, Ev); batch axes broadcast.
+    attn_mask: broadcastable to (..., L, S). Boolean: True = ATTEND, False = masked
+        out (torch's SDPA polarity; nn.MultiheadAttention's is the opposite). Floating:
+        ADDED to the scores (use -inf to mask).
+    is_causal: mask with the top-left aligned lower triangle, query i seeing keys 0..i;
+        cannot be combined with attn_mask.
+    scale: defaults to 1 / sqrt(E).  dropout_p: dropout on the attention weights.
+    need_weights: also return the weights (..., L, S) that multiply v (after dropout).
+
+    A query row whose keys are all masked gets all-zero weights, hence a zero
+    output and zero gradients (never NaN). torch's SDPA also returns zeros there;
+    other torch code paths (nn.MultiheadAttention with need_weights=True) give NaN.
+    """
+    q, k, v = (t if isinstance(t, Tensor) else Tensor(t) for t in (query, key, value))
+    where = "scaled_dot_product_attention"
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ValueError(f"{where}: query, key and value need at least 2 dimensions; got shapes "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{where}: query (..., L, E) {q.shape}, key (..., S, E) {k.shape} and value "
+                         f"(..., S, Ev) {v.shape} do not fit together")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{where}: is_causal=True cannot be combined with an explicit attn_mask")
+    L, S = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+    scores = ops.matmul(q, ops.transpose(k, -2, -1)) * scale          # (..., L, S)
+    xp = scores.xp
+    if is_causal:
+        attn_mask = causal_mask(L, S, xp)
+    mask = mask_array(attn_mask, scores)
+    if mask is not None:
+        check_mask(where, "attn_mask", mask, _broadcasts_to(mask.shape, scores.shape),
+                   f"a shape broadcastable to the attention scores (..., L, S) = {scores.shape}")
+        if mask.dtype == np.bool_:
+            scores = ops.masked_fill(scores, ~mask, -np.inf)
+        else:
+            scores = scores + mask.astype(scores.dtype, copy=False)
+    # Rows with every score -inf would give 0/0 in softmax: give them zero weights instead.
+    dead = xp.all(scores.data == -np.inf, axis=-1, keepdims=True) if mask is not None else None
+    if dead is not None and bool(dead.any()):
+        weights = ops.masked_fill(ops.softmax(ops.masked_fill(scores, dead, 0.0), axis=-1), dead, 0.0)
+    else:
+        weights = ops.softmax(scores, axis=-1)
+    if dropout_p > 0.0:
+        weights = ops.dropout(weights, p=dropout_p, training=True, generator=generator)
+    out = ops.matmul(weights, v)                                      # (..., L, Ev)
+    return (out, weights) if need_weights else out
