@@ -1,0 +1,125 @@
+"""The ``npformer`` command: ``pretrain`` and ``generate``.
+
+Every expected failure (bad flags, bad data, bad checkpoint) prints one line,
+``npformer: error: ...``, and exits with status 2; nothing already on disk is
+overwritten. Set NPFORMER_DEBUG=1 to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+from . import backend
+
+def _pretrain_parser(sub):
+    from .training.pretrain import PretrainConfig
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="train a GPT language model (the built-in toy language by default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, default=d.n_layer)
+    g.add_argument("--n-head", type=int, default=d.n_head)
+    g.add_argument("--n-embd", type=int, default=d.n_embd)
+    g.add_argument("--block-size", type=int, default=d.block_size, help="context length in tokens")
+    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--no-bias", dest="bias", action="store_false", help="no biases in Linear and LayerNorm")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--max-iters", type=int, default=d.max_iters)
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-iters", type=int, default=d.warmup_iters)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="cosine decay length (default: --max-iters)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--beta1", type=float, default=d.beta1)
+    g.add_argument("--beta2", type=float, default=d.beta2)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 disables)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="evaluate and checkpoint every N steps")
+    g.add_argument("--eval-iters", type=int, default=d.eval_iters, help="batches per evaluation")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", choices=backend.DEVICES, default=None, help="default: $NPFORMER_DEVICE or cpu")
+    g.add_argument("--data", default=None, help="a UTF-8 text file (default: the built-in toy language)")
+    g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer)
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size for --tokenizer bpe")
+    g.add_argument("--out", default=d.out, help="run directory for checkpoints, metrics.jsonl and loss.png")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--samples", type=int, default=d.samples, help="samples printed at the end")
+    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args):
+    from .training.pretrain import PretrainConfig, pretrain
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    pretrain(cfg)
+
+
+def _generate_parser(sub):
+    p = sub.add_parser("generate", help="sample text from a pretrained checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", choices=backend.DEVICES, default=None)
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute every position each step")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args):
+    from .models.sampling import generate
+    from .training.loading import load_gpt
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    if args.prompt == "":
+        raise ValueError("--prompt is empty; give at least one character")
+    model, tok = load_gpt(args.ckpt, device=args.device)
+    ids = tok.encode(args.prompt)
+    if len(ids) > model.config.block_size:
+        ids = ids[-model.config.block_size:]
+    for i in range(args.num_samples):
+        out = generate(model, np.asarray(ids).reshape(1, -1), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, use_cache=args.use_cache)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tok.decode(out[0, len(ids):]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npformer", description="npformer: a Transformer on NumPy/CuPy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    _generate_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("npformer: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, FloatingPointError, IndexError) as exc:
+        if os.environ.get("NPFORMER_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"npformer: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

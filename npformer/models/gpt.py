@@ -1,0 +1,211 @@
+"""GPT: a decoder-only Transformer language model (GPT-2 architecture, nanoGPT layout).
+
+Shapes: B batch, T sequence length, C = n_embd, nh = n_head, hs = C // nh, V = vocab_size.
+Parameter names follow HF's GPT2LMHeadModel (``transformer.h.0.attn.c_attn.weight``), with
+weights stored as (out_features, in_features) like ``torch.nn.Linear``; npformer.interop
+transposes GPT-2's Conv1D weights on import/export.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import backend, ops
+from .. import nn
+from ..nn import functional as F
+from ..tensor import Tensor
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of a GPT. Frozen: build a new one with dataclasses.replace."""
+    vocab_size: int
+    block_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    gelu_approximate: str = "tanh"   # GPT-2's "gelu_new"; "none" for the exact erf form
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer; got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh'; got {self.gelu_approximate!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for incremental decoding.
+
+    k[i], v[i]: (B, nh, T_past, hs) arrays of layer i; ``length`` = T_past.
+    """
+
+    def __init__(self, n_layer: int):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (in the last layer, which is appended to last)."""
+        return 0 if self.k[-1] is None else self.k[-1].shape[2]
+
+    def append(self, layer: int, k, v):
+        """Add this step's (B, nh, T_new, hs) keys/values to layer `layer`; return the full arrays."""
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            xp = backend.get_array_module(k)
+            self.k[layer] = xp.concatenate([self.k[layer], k], axis=2)
+            self.v[layer] = xp.concatenate([self.v[layer], v], axis=2)
+        return self.k[layer], self.v[layer]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head masked self-attention with one fused q/k/v projection (c_attn)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, cache: KVCache = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)                                               # (B, T, 3C)
+        q, k, v = ops.split(qkv, C, axis=2)                                # 3 x (B, T, C)
+        q = q.reshape(B, T, nh, hs).transpose(1, 2)                        # (B, nh, T, hs)
+        k = k.reshape(B, T, nh, hs).transpose(1, 2)                        # (B, nh, T, hs)
+        v = v.reshape(B, T, nh, hs).transpose(1, 2)                        # (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            k_all, v_all = cache.append(layer, k.data, v.data)
+            past = k_all.shape[2] - T             # (B, nh, past + T, hs)
+            xp = x.xp
+            # query at absolute position past + i may see keys 0 .. past + i
+            mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
+            y = F.scaled_dot_product_attention(q, Tensor(k_all), Tensor(v_all), attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)                             # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class _Trunk(nn.Module):
+    """The `transformer` submodule: embeddings, blocks and the final LayerNorm (HF's GPT2Model)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model with tied input/output embeddings.
+
+    forward(idx (B, T) int, targets (B, T) int or None) -> (logits (B, T, V), loss or None).
+    """
+
+    def __init__(self, config: GPTConfig, generator=None, dtype=np.float32, device: str = None):
+        """generator: a numpy.random.Generator for the initial weights (seed 0 when None);
+        weights are drawn on the host, then moved to `device` (NPFORMER_DEVICE when None)."""
+        super().__init__()
+        self.config = config
+        self.transformer = _Trunk(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight        # weight tying
+        self._init_weights(generator)
+        self.to(device=device or backend.default_device(), dtype=dtype)
+
+    def _init_weights(self, generator):
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm weights, and
+        N(0, 0.02 / sqrt(2 n_layer)) for the projections into the residual stream."""
+        rng = generator if generator is not None else np.random.default_rng(0)
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.data[...] = rng.standard_normal(p.shape) * resid_std
+            elif name.endswith("weight") and p.ndim == 2:
+                p.data[...] = rng.standard_normal(p.shape) * 0.02
+            elif name.endswith("bias"):
+                p.data[...] = 0.0
+            else:  # LayerNorm weights
+                p.data[...] = 1.0
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings (as nanoGPT reports)."""
+        n = super().num_parameters()
+        return n - self.transformer.wpe.weight.size if non_embedding else n
+
+    def forward(self, idx, targets=None, cache: KVCache = None):
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {past + T} exceeds block_size {self.config.block_size}")
+        xp = backend.get_array_module(self.transformer.wte.weight.data)
+        if backend.device_of(idx) != backend.device_of(self.transformer.wte.weight.data):
+            raise backend.DeviceMismatchError(
+                f"GPT: idx is on {backend.device_of(idx)} but the model is on {backend.device_of(self.transformer.wte.weight.data)}")
+        pos = xp.arange(past, past + T)                                       # (T,)
+        tok_emb = self.transformer.wte(idx)                                   # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)                                   # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)                          # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        x = self.transformer.ln_f(x)                                          # (B, T, C)
+        logits = self.lm_head(x)                                              # (B, T, V)
+        loss = None
+        if targets is not None:
+            t = targets.data if isinstance(targets, Tensor) else targets
+            loss = F.cross_entropy(logits.reshape(B * T, -1), t.reshape(B * T), ignore_index=-1)
+        return logits, loss

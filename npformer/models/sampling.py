@@ -1,0 +1,80 @@
+"""Autoregressive sampling from a language model: temperature, top-k, top-p, KV cache.
+
+Sampling itself happens on the host with a seeded NumPy generator, so the same
+seed gives the same text on the CPU and the GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..autograd import no_grad
+from .gpt import KVCache
+
+
+def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = None, top_p: float = None) -> np.ndarray:
+    """Probabilities (B, V) from last-position logits (B, V) after temperature, top-k and top-p.
+
+    top_k keeps the k largest logits; top_p keeps the smallest set of tokens whose
+    probability mass reaches p (always at least one token).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1; got {top_k}")
+        k = min(top_k, z.shape[-1])
+        kth = np.partition(z, -k, axis=-1)[:, -k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        before = np.cumsum(sorted_p, axis=-1) - sorted_p      # mass of strictly more likely tokens
+        drop_sorted = before >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
+             top_p: float = None, seed: int = 0, use_cache: bool = True) -> np.ndarray:
+    """Extend idx (B, T) int by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens) on the host.
+
+    With use_cache each step feeds only the newest token and reuses the keys and
+    values of earlier positions. Once the context exceeds block_size, every step
+    re-encodes the last block_size tokens (absolute positions shift), exactly as
+    the uncached path does, so both give the same tokens for the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    idx = np.array(backend.to_numpy(idx), dtype=np.int64)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate: idx must have shape (B, T) with T >= 1; got {idx.shape}")
+    device = backend.device_of(model.transformer.wte.weight.data)
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()
+    cache = None
+    try:
+        with no_grad():
+            for _ in range(max_new_tokens):
+                if cache is not None and cache.length < block:
+                    step = idx[:, -1:]                       # only the newest token
+                else:                                        # first step, no cache, or cache full
+                    step = idx[:, -block:]
+                    cache = KVCache(model.config.n_layer) if use_cache else None
+                logits, _ = model(backend.to_device(step, device), cache=cache)
+                last = backend.to_numpy(logits.data[:, -1, :])
+                probs = filter_logits(last, temperature, top_k, top_p)
+                nxt = np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+                idx = np.concatenate([idx, nxt[:, None]], axis=1)
+    finally:
+        model.train(was_training)
+    return idx

@@ -1,0 +1,287 @@
+"""Pretraining a GPT on a text corpus: the loop behind ``npformer pretrain``.
+
+The run is fully determined by its ``PretrainConfig``: the weights come from a
+generator seeded with ``seed``, batches from a sampler seeded with ``seed + 1``,
+dropout from a generator seeded with ``seed + 2``. A checkpoint stores all three
+states, so a run stopped at step k and resumed reaches exactly the weights and
+losses of the uninterrupted run (on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend, random
+from ..autograd import no_grad
+from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, default_corpus,
+                    load_text, split_train_val)
+from ..data.dataset import BatchSampler
+from ..models.gpt import GPT, GPTConfig
+from ..models.sampling import generate
+from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .progress import ProgressBar, format_seconds
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Every setting of a pretraining run (the CLI flags, by the same names)."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    batch_size: int = 16
+    max_iters: int = 1500
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = None          # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    bias: bool = True
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    device: str = None                  # None: NPFORMER_DEVICE, else cpu
+    data: str = None                    # None: the built-in toy language
+    tokenizer: str = "char"             # "char" or "bpe"
+    vocab_size: int = 512               # for --tokenizer bpe
+    out: str = "out-pretrain"
+    resume: bool = False
+    samples: int = 3
+    sample_tokens: int = 200
+
+    def checked(self) -> "PretrainConfig":
+        """Validate every field; return a copy with defaults filled in. Raises ValueError naming the flag."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
+                     "eval_iters"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer; got {v}")
+        need(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number; got {self.lr}")
+        need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr={self.lr}]; got {self.min_lr}")
+        need(self.warmup_iters >= 0, f"--warmup-iters must be >= 0; got {self.warmup_iters}")
+        decay = self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        need(decay > self.warmup_iters, f"--lr-decay-iters ({decay}) must exceed --warmup-iters ({self.warmup_iters})")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1); got {self.beta1}, {self.beta2}")
+        need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
+        need(self.tokenizer in ("char", "bpe"), f"--tokenizer must be 'char' or 'bpe'; got {self.tokenizer!r}")
+        need(self.tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
+        need(self.samples >= 0 and self.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0")
+        device = self.device or backend.default_device()
+        backend.check_device(device)
+        return dataclasses.replace(self, lr_decay_iters=decay, device=device)
+
+
+def _load_corpus(cfg: PretrainConfig):
+    """(train_text, val_text, entropy floor or None)."""
+    if cfg.data is None:
+        train, val = default_corpus()
+        return train, val, ToyLanguage(seed=0).entropy_rate()
+    text = load_text(cfg.data)
+    n_val = max(1, len(text) // 10)
+    return text[:-n_val], text[-n_val:], None
+
+
+def _build_tokenizer(cfg, train_text, val_text):
+    if cfg.tokenizer == "char":
+        return CharTokenizer(train_text + val_text)
+    return ByteBPETokenizer().train(train_text, cfg.vocab_size)
+
+
+def _run_state(cfg, step, sampler, dropout_rng, best_val):
+    state = {"step": step, "sampler": sampler.state_dict(), "best_val": best_val}
+    if isinstance(dropout_rng, np.random.Generator):
+        state["dropout_rng"] = dropout_rng.bit_generator.state
+    return state
+
+
+def evaluate(model, ids, cfg, seed: int) -> float:
+    """Mean loss over cfg.eval_iters batches drawn with a fixed seed (the same batches every time)."""
+    sampler = BatchSampler(ids, cfg.block_size, cfg.batch_size, seed=seed)
+    was_training = model.training
+    model.eval()
+    losses = []
+    with no_grad():
+        for _ in range(cfg.eval_iters):
+            x, y = sampler.sample()
+            _, loss = model(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
+            losses.append(loss.item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def _check_resume_compatible(cfg, meta):
+    saved = meta.get("pretrain_config", {})
+    diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})"
+             for k in MODEL_FIELDS + ("tokenizer", "data", "seed", "batch_size")
+             if k in saved and saved[k] != getattr(cfg, k)]
+    if diffs:
+        raise CheckpointError(f"--resume: the checkpoint in {cfg.out} was made with other settings: " + ", ".join(diffs))
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> dict:
+    """Run (or resume) pretraining; return a summary dict of the final figures."""
+    cfg = cfg.checked()
+    t_start = time.perf_counter()
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.out)
+        _check_resume_compatible(cfg, ckpt.meta)
+    elif os.path.isdir(cfg.out):
+        try:
+            resolve_checkpoint(cfg.out)
+            raise CheckpointError(f"{cfg.out} already holds a checkpoint; pass --resume to continue it "
+                                  f"or choose another --out")
+        except CheckpointError as exc:
+            if "already holds" in str(exc):
+                raise
+
+    train_text, val_text, floor = _load_corpus(cfg)
+    tok = ckpt.tokenizer if ckpt else _build_tokenizer(cfg, train_text, val_text)
+    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+    chars_per_token = (len(train_text) + len(val_text)) / max(1, len(train_ids) + len(val_ids))
+    for name, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) < cfg.block_size + 1:
+            raise DataError(f"the {name} text has {len(ids)} tokens, shorter than one block "
+                            f"(--block-size {cfg.block_size} needs {cfg.block_size + 1})")
+
+    mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model = GPT(mcfg, generator=np.random.default_rng(cfg.seed), device=cfg.device)
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2))
+    sampler = BatchSampler(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed + 1)
+    dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
+    random.set_default_generator(cfg.device, dropout_rng)
+    step, best_val = 0, None
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if ckpt:
+        model.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer_state)
+        run = ckpt.meta["run"]
+        step, best_val = int(run["step"]), run["best_val"]
+        sampler.load_state_dict(run["sampler"])
+        if "dropout_rng" in run and isinstance(dropout_rng, np.random.Generator):
+            dropout_rng.bit_generator.state = run["dropout_rng"]
+        _truncate_metrics(metrics_path, step)
+        log(f"resuming from {ckpt.path} at step {step}")
+    os.makedirs(cfg.out, exist_ok=True)
+
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+        f"device {cfg.device}; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
+        + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else ""))
+
+    def save(at_step):
+        meta = {"model": "gpt", "model_config": mcfg.to_dict(), "pretrain_config": dataclasses.asdict(cfg),
+                "run": _run_state(cfg, at_step, sampler, dropout_rng, best_val)}
+        host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+        opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
+        save_checkpoint(cfg.out, at_step, host, opt_state, tok, meta)
+
+    bar = ProgressBar(cfg.max_iters, start=step)
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    train_loss = float("nan")
+    val_loss = None
+    model.train()
+    while step < cfg.max_iters:
+        lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+        set_lr(opt, lr)
+        x, y = sampler.sample()
+        _, loss = model(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        step += 1
+        train_loss = loss.item()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
+                                     f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
+        bar.update(step, train_loss, lr, tokens_per_step)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            tl = evaluate(model, train_ids, cfg, seed=cfg.seed + 3)
+            val_loss = evaluate(model, val_ids, cfg, seed=cfg.seed + 4)
+            best_val = val_loss if best_val is None else min(best_val, val_loss)
+            record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
+                      "elapsed_s": round(time.perf_counter() - t_start, 3)}
+            _append_metrics(metrics_path, record)
+            gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
+            bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
+            save(step)
+
+    summary = {"step": step, "val_loss": val_loss, "best_val": best_val, "entropy_floor": floor,
+               "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token,
+               "seconds": time.perf_counter() - t_start, "out": cfg.out}
+    if floor and val_loss is not None:
+        summary["gap_percent"] = 100 * (summary["val_loss_per_char"] / floor - 1)
+    _plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor, log)
+    for i in range(cfg.samples):
+        prompt = tok.encode(val_text[:1]).reshape(1, -1)
+        ids = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=None, seed=cfg.seed + 10 + i)
+        log(f"--- sample {i + 1} ---\n{tok.decode(ids[0])}")
+    log(f"done in {format_seconds(summary['seconds'])}: val loss {val_loss:.4f}"
+        + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if floor else "")
+        + f"; checkpoint in {cfg.out}")
+    return summary
+
+
+def _append_metrics(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path, step):
+    """Drop metric lines past `step` (written after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+
+
+def _plot_losses(metrics_path, png_path, floor, log):
+    """Write a loss-curve PNG when matplotlib is installed (the optional 'plot' extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train")
+    ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label="val")
+    if floor:
+        ax.axhline(floor, color="gray", linestyle="--", label="entropy floor")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    log(f"loss curve: {png_path}")
