@@ -216,3 +216,16 @@ def default_rng(seed=None, device: str = "cpu"):
 def rng_device(rng) -> str:
     """The device a generator draws on."""
     return "cpu" if isinstance(rng, np.random.Generator) else "gpu"
+
+
+def generator_state(gen):
+    """A JSON-safe snapshot of a NumPy generator's state; None for CuPy generators (not saved)."""
+    if isinstance(gen, np.random.Generator):
+        return gen.bit_generator.state
+    return None
+
+
+def set_generator_state(gen, state) -> None:
+    """Restore a snapshot taken by generator_state (ignored for CuPy generators)."""
+    if isinstance(gen, np.random.Generator) and state is not None:
+        gen.bit_generator.state = state

@@ -1,4 +1,5 @@
-"""Property tests for matmul: 2-D, 1-D operands on either side, batched with broadcast batch axes."""
+"""Property tests for matmul (2-D, 1-D operands on either side, batched with broadcast batch axes)
+and linear (x @ weight^T + bias over any leading axes)."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import npformer as nf
 from tests.helpers import T
 from tests.strategies import arrays, assert_close, check_float32, gradcheck_all
 
-COVERED_OPS = {"matmul"}
+COVERED_OPS = {"matmul", "linear"}
 
 
 @st.composite
@@ -66,3 +67,30 @@ def test_matmul_bad_shapes_name_op_and_shapes(shape_a, shape_b, why):
         nf.matmul(T(np.ones(shape_a)), T(np.ones(shape_b)))
     msg = str(info.value)
     assert "matmul" in msg and str(shape_a) in msg and str(shape_b) in msg and why in msg
+
+
+@given(lead=hnp.array_shapes(min_dims=0, max_dims=3, max_side=3), n_in=st.integers(1, 3),
+       n_out=st.integers(1, 3), bias=st.booleans(), data=st.data())
+def test_linear_forward_and_grad(lead, n_in, n_out, bias, data):
+    x = data.draw(arrays(lead + (n_in,)), label="x")
+    w = data.draw(arrays((n_out, n_in)), label="w")
+    b = data.draw(arrays((n_out,)), label="b") if bias else None
+    expected = x @ w.T + (b if bias else 0.0)
+    args = (x, w, b) if bias else (x, w)
+    assert_close(nf.linear(*(T(a) for a in args)), expected, rtol=1e-12, atol=1e-12)
+    gradcheck_all(nf.linear, *args)
+
+
+def test_linear_float32_keeps_dtype():
+    rng = np.random.default_rng(5)
+    check_float32(nf.linear, rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5))
+
+
+@pytest.mark.parametrize("shape_x, shape_w, shape_b", [((2, 3), (4, 2), None), ((2, 3), (4, 3), (3,)),
+                                                        ((3,), (3,), None)])
+def test_linear_bad_shapes_name_op_and_shapes(shape_x, shape_w, shape_b):
+    args = [T(np.ones(shape_x)), T(np.ones(shape_w))] + ([T(np.ones(shape_b))] if shape_b else [])
+    with pytest.raises(ValueError) as info:
+        nf.linear(*args)
+    msg = str(info.value)
+    assert "linear" in msg and (str(shape_w) in msg)

@@ -119,6 +119,10 @@ MATMUL_SHAPES = {"2d": ((3, 4), (4, 5)), "1d-2d": ((4,), (4, 5)), "2d-1d": ((3, 
                  "batch-bcast": ((2, 1, 3, 4), (5, 4, 2)), "batch-vs-2d": ((3, 2, 4), (4, 5))}
 for label, (sa, sb) in MATMUL_SHAPES.items():
     case("matmul", label, [randn(*sa), randn(*sb)], nf.matmul, torch.matmul, f32=(label == "batch-bcast"))
+for label, (sx, bias) in {"2d": ((3, 4), True), "3d": ((2, 3, 4), True), "1d": ((4,), True),
+                          "nobias": ((2, 3, 4), False)}.items():
+    inputs = [randn(*sx), randn(5, 4)] + ([randn(5)] if bias else [])
+    case("linear", label, inputs, nf.linear, F.linear, f32=(label == "3d"))
 
 # ----------------------------------------------------------------------------- reductions
 def _dim(axis, ndim):

@@ -19,8 +19,7 @@ def linear(x, weight, bias=None):
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match weight of shape "
                          f"{tuple(weight.shape)} (expected input (..., {weight.shape[-1]}))")
-    y = ops.matmul(x, ops.transpose(weight, 0, 1))
-    return y if bias is None else y + bias
+    return ops.linear(x, weight, bias)
 
 
 def softmax(x, dim: int = -1):

@@ -8,7 +8,7 @@ from ._core import OPS, unbroadcast
 from .activations import gelu, relu, sigmoid, tanh
 from .elementwise import abs, add, astype, div, exp, log, maximum, minimum, mul, neg, pow, sqrt, sub
 from .fused import cross_entropy, dropout, embedding, layer_norm, log_softmax, softmax
-from .linalg import matmul
+from .linalg import linear, matmul
 from .reduction import max, mean, sum, var
 from .shape import (concatenate, expand, getitem, masked_fill, permute, reshape, split, stack,
                     transpose, where)

@@ -51,20 +51,50 @@ def gelu(a, approximate: str = "none"):
         d/da = (1 + t)/2 + a (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 a^2) / 2, t = tanh(u).
     """
     (a,) = tensors("gelu", a)
-    x, xp = a.data, a.xp
+    xp, shape = a.xp, a.shape
+    x = a.data.reshape(-1)          # 1-D, so in-place updates also work for 0-d inputs
+    # Written with in-place updates of a few scratch arrays: on large activations the
+    # temporaries of the plain formulas cost more than the arithmetic.
     if approximate == "none":
-        cdf = 0.5 * (1 + backend.erf(x * _INV_SQRT_2))
+        cdf = backend.erf(x * _INV_SQRT_2)
+        cdf += 1
+        cdf *= 0.5                                       # Phi(x)
         out = x * cdf
 
         def backward(g):
-            return (g * (cdf + x * (_INV_SQRT_2PI * xp.exp(-0.5 * x * x))),)
+            d = x * x
+            d *= -0.5
+            xp.exp(d, out=d)
+            d *= x
+            d *= _INV_SQRT_2PI                           # x phi(x)
+            d += cdf                                     # Phi(x) + x phi(x)
+            d *= g.reshape(-1)
+            return (d.reshape(shape),)
     elif approximate == "tanh":
-        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-        out = 0.5 * x * (1 + t)
+        t = x * x
+        t *= 0.044715
+        t += 1
+        t *= x
+        t *= _SQRT_2_OVER_PI                             # u = sqrt(2/pi) (x + 0.044715 x^3)
+        xp.tanh(t, out=t)                                # t = tanh(u)
+        out = t + 1
+        out *= x
+        out *= 0.5                                       # x (1 + t) / 2
 
         def backward(g):
-            du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-            return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
+            d = t * t
+            xp.subtract(1, d, out=d)                     # 1 - t^2
+            du = x * x
+            du *= 3 * 0.044715
+            du += 1
+            du *= _SQRT_2_OVER_PI                        # du/dx
+            d *= du
+            d *= x
+            d += t
+            d += 1
+            d *= 0.5                                     # (1 + t)/2 + x (1 - t^2) du/dx / 2
+            d *= g.reshape(-1)
+            return (d.reshape(shape),)
     else:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh'; got {approximate!r}")
-    return result(out, (a,), backward, "gelu")
+    return result(out.reshape(shape), (a,), backward, "gelu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._core import needs, register, result, shape_error, tensors, unbroadcast
+from .shape import transpose
 
 
 @register
@@ -20,6 +21,9 @@ def matmul(a, b):
     k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
     if k_a != k_b:
         raise shape_error("matmul", a.shape, b.shape, why=f"are not aligned ({k_a} != {k_b})")
+    if a.ndim > 2 and b.ndim == 2:
+        # (..., n, k) @ (k, m): one GEMM over all rows instead of one per batch entry
+        return linear(a, transpose(b), None, _name="matmul")
     try:
         out = a.data @ b.data
     except ValueError:
@@ -39,3 +43,36 @@ def matmul(a, b):
             gb = unbroadcast(a2.swapaxes(-1, -2) @ g, b2.shape).reshape(b.shape)
         return ga, gb
     return result(out, (a, b), backward, "matmul")
+
+
+@register
+def linear(x, weight, bias=None, _name="linear"):
+    """y = x @ weight^T + bias, as one GEMM over all leading axes (torch.nn.functional.linear).
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; y: (..., out).
+    With X = x as (N, in) and G = dy as (N, out):
+    dX = G @ weight, dweight = G^T @ X, dbias = sum over rows of G.
+    """
+    ts = tensors(_name, *((x, weight) if bias is None else (x, weight, bias)))
+    x, w = ts[0], ts[1]
+    b = ts[2] if bias is not None else None
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise shape_error(_name, x.shape, w.shape, why=f"do not fit: input (..., in) needs weight (out, in) "
+                                                        f"with in = {x.shape[-1] if x.ndim else '?'}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise shape_error(_name, w.shape, b.shape, why="(weight, bias) do not fit: bias must be (out,)")
+    n_in, n_out = w.shape[1], w.shape[0]
+    x2 = x.data.reshape(-1, n_in)                                       # (N, in)
+    y = x2 @ w.data.T                                                   # (N, out)
+    if b is not None:
+        y += b.data
+    out = y.reshape(x.shape[:-1] + (n_out,))
+
+    def backward(g):
+        g2 = g.reshape(-1, n_out)                                       # (N, out)
+        grads = [(g2 @ w.data).reshape(x.shape) if needs(x) else None,
+                 g2.T @ x2 if needs(w) else None]
+        if b is not None:
+            grads.append(g2.sum(axis=0) if needs(b) else None)
+        return tuple(grads)
+    return result(out, ts, backward, _name)
