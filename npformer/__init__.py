@@ -10,7 +10,7 @@ from . import backend, ops, random
 from .autograd import is_grad_enabled, no_grad, set_grad_enabled
 from .creation import arange, full, ones, ones_like, rand, randn, zeros, zeros_like
 from .gradcheck import GradcheckError, gradcheck
-from .ops import (abs, add, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu, linear,
+from .ops import (abs, add, attention, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu, linear,
                   getitem, layer_norm, log, log_softmax, masked_fill, matmul, max, maximum, mean,
                   minimum, mul, neg, permute, pow, relu, reshape, sigmoid, softmax, split, sqrt, stack,
                   sub, sum, tanh, transpose, var, where)

@@ -59,6 +59,8 @@ def _cases():
         "log": ([pos(3, 4)], lambda d, a: nf.log(a)),
         "log_softmax": ([n(3, 5)], lambda d, a: (nf.log_softmax(a, axis=-1), nf.log_softmax(a, axis=0))),
         "masked_fill": ([n(3, 4)], lambda d, a: nf.masked_fill(a, _on(d, mask), -1.5)),
+        "attention": ([n(2, 3, 4), n(2, 5, 4), n(2, 5, 3)],
+                      lambda d, q, k, v: (nf.attention(q, k, v), nf.attention(q, k, v, _on(d, np.tri(3, 5, dtype=bool))))),
         "linear": ([n(2, 3, 4), n(5, 4), n(5)], lambda d, x, w, b: (nf.linear(x, w, b), nf.linear(x, w))),
         "matmul": ([n(2, 3, 4), n(4, 5), n(4)], lambda d, a, b, v: (a @ b, a @ v, v @ b)),
         "max": ([n(3, 4)], lambda d, a: (a.max(axis=1), a.max())),

@@ -124,6 +124,19 @@ for label, (sx, bias) in {"2d": ((3, 4), True), "3d": ((2, 3, 4), True), "1d": (
     inputs = [randn(*sx), randn(5, 4)] + ([randn(5)] if bias else [])
     case("linear", label, inputs, nf.linear, F.linear, f32=(label == "3d"))
 
+# ----------------------------------------------------------------------------- attention
+_causal = np.tri(4, 5, dtype=bool)
+_pad = np.ones((4, 5), dtype=bool)
+_pad[2] = False                                    # one query with no key: both give zeros
+_addm = np.where(_rng.random((4, 5)) < 0.3, -np.inf, _rng.standard_normal((4, 5)))
+_addm[:, 0] = 0.0
+for label, mask in {"nomask": None, "causal": _causal, "deadrow": _pad, "float": _addm}.items():
+    case("attention", label, [randn(2, 3, 4, 6), randn(2, 3, 5, 6), randn(2, 3, 5, 2)],
+         lambda q, k, v, m=mask: nf.attention(q, k, v, None if m is None else m, scale=0.4),
+         lambda q, k, v, m=mask: F.scaled_dot_product_attention(
+             q, k, v, attn_mask=None if m is None else torch.as_tensor(m), scale=0.4),
+         f32=(label == "causal"))
+
 # ----------------------------------------------------------------------------- reductions
 def _dim(axis, ndim):
     return tuple(range(ndim)) if axis is None else axis

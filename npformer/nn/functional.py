@@ -130,14 +130,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     L, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
+    if is_causal:
+        attn_mask = causal_mask(L, S, q.xp)
+    mask = mask_array(attn_mask, q)
+    if mask is not None:
+        try:
+            score_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (L, S)
+        except ValueError:
+            raise ValueError(f"{where}: batch axes of query {q.shape} and key {k.shape} cannot be "
+                             f"broadcast together") from None
+        check_mask(where, "attn_mask", mask, _broadcasts_to(mask.shape, score_shape),
+                   f"a shape broadcastable to the attention scores (..., L, S) = {score_shape}")
+    if not need_weights:
+        return ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, generator=generator)
+    # The attention weights are wanted: compose the same computation from primitive ops.
     scores = ops.matmul(q, ops.transpose(k, -2, -1)) * scale          # (..., L, S)
     xp = scores.xp
-    if is_causal:
-        attn_mask = causal_mask(L, S, xp)
-    mask = mask_array(attn_mask, scores)
     if mask is not None:
-        check_mask(where, "attn_mask", mask, _broadcasts_to(mask.shape, scores.shape),
-                   f"a shape broadcastable to the attention scores (..., L, S) = {scores.shape}")
         if mask.dtype == np.bool_:
             scores = ops.masked_fill(scores, ~mask, -np.inf)
         else:

@@ -1,0 +1,92 @@
+"""Property tests for the fused attention op: forward against a NumPy formula, float64
+gradcheck over drawn shapes, broadcast batch axes and masks (bool and additive), fully
+masked rows, dropout, float32 kept, and errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import npformer as nf
+from tests.helpers import DEVICE, T, host
+from tests.strategies import arrays, assert_close, check_float32
+
+COVERED_OPS = {"attention"}
+
+
+def reference(q, k, v, mask=None, scale=1.0):
+    """softmax(q k^T * scale + mask) v in NumPy; rows with no attended key give zeros."""
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    if mask is not None:
+        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    d = e.sum(axis=-1, keepdims=True)
+    w = e / np.where(d == 0, 1.0, d)
+    return w @ v
+
+
+@st.composite
+def attention_case(draw):
+    """q, k, v shapes with broadcast batch axes, and an optional bool or float mask."""
+    L, S, E, Ev = (draw(st.integers(1, 3)) for _ in range(4))
+    batch = draw(st.sampled_from([(), (2,), (2, 1), (1, 2)]))
+    kv_batch = draw(st.sampled_from([batch, batch[-1:] if batch else (), (1,) * len(batch)]))
+    kind = draw(st.sampled_from(["none", "bool", "float", "causal"]))
+    mask = None
+    if kind == "bool":
+        mask = np.array(draw(st.lists(st.booleans(), min_size=L * S, max_size=L * S))).reshape(L, S)
+    elif kind == "float":
+        mask = np.array(draw(st.lists(st.sampled_from([0.0, -1.0, 0.5, -np.inf]), min_size=L * S,
+                                      max_size=L * S))).reshape(L, S)
+    elif kind == "causal":
+        mask = np.tri(L, S, dtype=bool)
+    return batch + (L, E), kv_batch + (S, E), kv_batch + (S, Ev), mask
+
+
+@given(case=attention_case(), scale=st.sampled_from([1.0, 0.5]), data=st.data())
+def test_attention_forward_and_grad(case, scale, data):
+    sq, sk, sv, mask = case
+    q, k, v = (data.draw(arrays(s), label=n) for s, n in ((sq, "q"), (sk, "k"), (sv, "v")))
+    m = None if mask is None else T(mask).data
+    assert_close(nf.attention(T(q), T(k), T(v), m, scale=scale), reference(q, k, v, mask, scale))
+    inputs = [T(a, requires_grad=True) for a in (q, k, v)]
+    assert nf.gradcheck(lambda a, b, c: nf.attention(a, b, c, m, scale=scale), inputs)
+
+
+def test_fully_masked_rows_give_zero_output_and_zero_gradients():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 2))
+    mask = np.ones((3, 5), dtype=bool)
+    mask[1] = False                                          # query 1 may attend to nothing
+    qt, kt, vt = (T(a, requires_grad=True) for a in (q, k, v))
+    out = nf.attention(qt, kt, vt, T(mask).data)
+    assert np.all(host(out)[:, 1] == 0) and np.all(np.isfinite(host(out)))
+    out.sum().backward()
+    assert np.all(host(qt.grad)[:, 1] == 0)
+    assert all(np.all(np.isfinite(host(t.grad))) for t in (qt, kt, vt))
+    assert nf.gradcheck(lambda a, b, c: nf.attention(a, b, c, T(mask).data), [T(q, True), T(k, True), T(v, True)])
+
+
+def test_dropout_is_seeded_and_gradchecks():
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 2))
+
+    def fn(a, b, c):
+        return nf.attention(a, b, c, dropout_p=0.4, generator=nf.random.Generator(7, DEVICE))
+    assert nf.gradcheck(fn, [T(q, True), T(k, True), T(v, True)])
+    np.testing.assert_array_equal(host(fn(T(q), T(k), T(v))), host(fn(T(q), T(k), T(v))))
+    assert not np.allclose(host(fn(T(q), T(k), T(v))), reference(q, k, v))
+
+
+def test_float32_keeps_dtype():
+    rng = np.random.default_rng(2)
+    check_float32(nf.attention, rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)),
+                  rng.standard_normal((2, 5, 3)))
+
+
+def test_bad_shapes_name_the_op_and_shapes():
+    with pytest.raises(ValueError) as info:
+        nf.attention(T(np.ones((3, 4))), T(np.ones((5, 3))), T(np.ones((5, 2))))
+    assert "attention" in str(info.value) and "(3, 4)" in str(info.value) and "(5, 3)" in str(info.value)
