@@ -187,6 +187,17 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.size if non_embedding else n
 
     def forward(self, idx, targets=None, cache: KVCache = None):
+        x = self.hidden_states(idx, cache)                                    # (B, T, C)
+        B, T = x.shape[:2]
+        logits = self.lm_head(x)                                              # (B, T, V)
+        loss = None
+        if targets is not None:
+            t = targets.data if isinstance(targets, Tensor) else targets
+            loss = F.cross_entropy(logits.reshape(B * T, -1), t.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx, cache: KVCache = None) -> Tensor:
+        """The trunk's output ln_f(blocks(wte(idx) + wpe(pos))): (B, T) int -> (B, T, C); no lm_head."""
         idx = idx.data if isinstance(idx, Tensor) else idx
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -202,10 +213,4 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)                          # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
-        x = self.transformer.ln_f(x)                                          # (B, T, C)
-        logits = self.lm_head(x)                                              # (B, T, V)
-        loss = None
-        if targets is not None:
-            t = targets.data if isinstance(targets, Tensor) else targets
-            loss = F.cross_entropy(logits.reshape(B * T, -1), t.reshape(B * T), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)                                       # (B, T, C)
