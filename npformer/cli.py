@@ -3,20 +3,26 @@
 Every expected failure (bad flags, bad data, bad checkpoint) prints one line,
 ``npformer: error: ...``, and exits with status 2; nothing already on disk is
 overwritten. Set NPFORMER_DEBUG=1 to see the full traceback instead.
+
+``npformer pretrain --out DIR --resume`` continues with the settings stored in
+DIR's checkpoint (all but --device); only the flags given again override them,
+e.g. ``--max-iters`` to train for longer.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import pkgutil
 import os
 import sys
 
 import numpy as np
 
-from . import backend
+from . import backend, commands
 
-def _pretrain_parser(sub):
+def _pretrain_parser(sub, defaults=None):
     from .training.pretrain import PretrainConfig
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="train a GPT language model (the built-in toy language by default)",
@@ -34,7 +40,8 @@ def _pretrain_parser(sub):
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup-iters", type=int, default=d.warmup_iters)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="cosine decay length (default: --max-iters)")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="cosine decay length (default: --max-iters; with --resume, the checkpoint's)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--beta1", type=float, default=d.beta1)
     g.add_argument("--beta2", type=float, default=d.beta2)
@@ -48,10 +55,21 @@ def _pretrain_parser(sub):
     g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer)
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size for --tokenizer bpe")
     g.add_argument("--out", default=d.out, help="run directory for checkpoints, metrics.jsonl and loss.png")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the settings stored there "
+                        "(flags given again override them)")
     g.add_argument("--samples", type=int, default=d.samples, help="samples printed at the end")
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    p.set_defaults(run=_run_pretrain)
+    p.set_defaults(run=_run_pretrain, **(defaults or {}))
+
+
+def _saved_settings(out: str) -> dict:
+    """The settings of the run whose checkpoint is in `out`, as flag defaults for --resume."""
+    from .training.checkpoint import load_meta
+    from .training.pretrain import PretrainConfig
+    saved = load_meta(out)[1].get("pretrain_config")
+    inherit = {f.name for f in dataclasses.fields(PretrainConfig)} - {"out", "resume", "device"}
+    return {k: v for k, v in saved.items() if k in inherit} if isinstance(saved, dict) else {}
 
 
 def _run_pretrain(args):
@@ -65,7 +83,8 @@ def _generate_parser(sub):
     p = sub.add_parser("generate", help="sample text from a pretrained checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
-    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue (default: a newline, or the first token when the vocabulary has none)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
@@ -84,7 +103,21 @@ def _run_generate(args):
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
     if args.prompt == "":
         raise ValueError("--prompt is empty; give at least one character")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0; got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1; got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
     model, tok = load_gpt(args.ckpt, device=args.device)
+    if args.prompt is None:
+        try:
+            tok.encode("\n")
+            args.prompt = "\n"
+        except ValueError:                  # a character vocabulary without a newline
+            args.prompt = tok.decode([0])
     ids = tok.encode(args.prompt)
     if len(ids) > model.config.block_size:
         ids = ids[-model.config.block_size:]
@@ -96,18 +129,23 @@ def _run_generate(args):
         print(args.prompt + tok.decode(out[0, len(ids):]))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(pretrain_defaults: dict = None) -> argparse.ArgumentParser:
+    """The argument parser; pretrain_defaults replace the pretrain flags' defaults (for --resume)."""
     parser = argparse.ArgumentParser(prog="npformer", description="npformer: a Transformer on NumPy/CuPy")
     sub = parser.add_subparsers(dest="command", required=True)
-    _pretrain_parser(sub)
+    _pretrain_parser(sub, pretrain_defaults)
     _generate_parser(sub)
+    for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+        importlib.import_module(f"{commands.__name__}.{name}").add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
     try:
+        if args.command == "pretrain" and args.resume:
+            args = build_parser(_saved_settings(args.out)).parse_args(argv)
         args.run(args)
     except KeyboardInterrupt:
         print("npformer: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)

@@ -5,6 +5,21 @@ generator seeded with ``seed``, batches from a sampler seeded with ``seed + 1``,
 dropout from a generator seeded with ``seed + 2``. A checkpoint stores all three
 states, so a run stopped at step k and resumed reaches exactly the weights and
 losses of the uninterrupted run (on the CPU).
+
+A resumed run keeps the learning-rate schedule of the run that wrote the
+checkpoint: ``lr_decay_iters=None`` means the checkpoint's ``lr_decay_iters``
+(which was that run's ``max_iters`` unless given), not the new ``max_iters``.
+A new run never writes into an ``out`` that already holds a checkpoint.
+
+Run directory ``out``: the checkpoints (see checkpoint.py), ``loss.png`` (when
+matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
+(every ``eval_interval`` steps and at ``max_iters``):
+
+    step        optimizer steps taken
+    train_loss  mean loss over eval_iters fixed training batches (nats/token)
+    val_loss    the same on the validation text
+    lr          learning rate of the last step
+    elapsed_s   seconds since this process started the run (or resumed it)
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ from ..data.dataset import BatchSampler
 from ..models.gpt import GPT, GPTConfig
 from ..models.sampling import generate
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
@@ -107,10 +122,8 @@ def _build_tokenizer(cfg, train_text, val_text):
 
 
 def _run_state(cfg, step, sampler, dropout_rng, best_val):
-    state = {"step": step, "sampler": sampler.state_dict(), "best_val": best_val}
-    if isinstance(dropout_rng, np.random.Generator):
-        state["dropout_rng"] = dropout_rng.bit_generator.state
-    return state
+    return {"step": step, "sampler": sampler.state_dict(), "best_val": best_val,
+            "dropout_rng": backend.generator_state(dropout_rng)}
 
 
 def evaluate(model, ids, cfg, seed: int) -> float:
@@ -139,20 +152,23 @@ def _check_resume_compatible(cfg, meta):
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
     """Run (or resume) pretraining; return a summary dict of the final figures."""
-    cfg = cfg.checked()
     t_start = time.perf_counter()
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.out)
+        saved_decay = ckpt.meta.get("pretrain_config", {}).get("lr_decay_iters")
+        if cfg.lr_decay_iters is None and isinstance(saved_decay, int):
+            cfg = dataclasses.replace(cfg, lr_decay_iters=saved_decay)     # the original schedule
+    cfg = cfg.checked()
+    if ckpt:
         _check_resume_compatible(cfg, ckpt.meta)
-    elif os.path.isdir(cfg.out):
-        try:
-            resolve_checkpoint(cfg.out)
-            raise CheckpointError(f"{cfg.out} already holds a checkpoint; pass --resume to continue it "
-                                  f"or choose another --out")
-        except CheckpointError as exc:
-            if "already holds" in str(exc):
-                raise
+        if ckpt.step > cfg.max_iters:
+            raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
+                             f"in {cfg.out}; pass a larger --max-iters to continue")
+    elif os.path.isdir(cfg.out) and (os.path.exists(os.path.join(cfg.out, "latest.json"))
+                                     or any(d.startswith("ckpt-") for d in os.listdir(cfg.out))):
+        raise CheckpointError(f"{cfg.out} already holds a checkpoint; pass --resume to continue it "
+                              f"or choose another --out")
 
     train_text, val_text, floor = _load_corpus(cfg)
     tok = ckpt.tokenizer if ckpt else _build_tokenizer(cfg, train_text, val_text)
@@ -179,11 +195,14 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         run = ckpt.meta["run"]
         step, best_val = int(run["step"]), run["best_val"]
         sampler.load_state_dict(run["sampler"])
-        if "dropout_rng" in run and isinstance(dropout_rng, np.random.Generator):
-            dropout_rng.bit_generator.state = run["dropout_rng"]
+        backend.set_generator_state(dropout_rng, run.get("dropout_rng"))
         _truncate_metrics(metrics_path, step)
         log(f"resuming from {ckpt.path} at step {step}")
+        if step >= cfg.max_iters:
+            log(f"the run in {cfg.out} is already at step {step} (--max-iters {cfg.max_iters}); nothing to do")
     os.makedirs(cfg.out, exist_ok=True)
+    if not ckpt and os.path.exists(metrics_path):
+        os.remove(metrics_path)                 # left by an earlier run that saved no checkpoint
 
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"device {cfg.device}; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
@@ -238,8 +257,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         prompt = tok.encode(val_text[:1]).reshape(1, -1)
         ids = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=None, seed=cfg.seed + 10 + i)
         log(f"--- sample {i + 1} ---\n{tok.decode(ids[0])}")
-    log(f"done in {format_seconds(summary['seconds'])}: val loss {val_loss:.4f}"
-        + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if floor else "")
+    log(f"done in {format_seconds(summary['seconds'])}: "
+        + ("no steps taken" if val_loss is None else f"val loss {val_loss:.4f}")
+        + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
         + f"; checkpoint in {cfg.out}")
     return summary
 
@@ -250,13 +270,20 @@ def _append_metrics(path, record):
 
 
 def _truncate_metrics(path, step):
-    """Drop metric lines past `step` (written after the checkpoint we resume from)."""
+    """Drop metric lines past `step` (written after the checkpoint we resume from), and a line
+    torn by a kill mid-write; the file is replaced atomically."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(keep)
+    keep = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(json.dumps(record) + "\n")
+    atomic_write_text(path, "".join(keep))
 
 
 def _plot_losses(metrics_path, png_path, floor, log):
