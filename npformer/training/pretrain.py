@@ -36,7 +36,7 @@ import numpy as np
 from .. import backend, random
 from ..autograd import no_grad
 from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, default_corpus,
-                    load_text, split_train_val)
+                    load_text)
 from ..data.dataset import BatchSampler
 from ..models.gpt import GPT, GPTConfig
 from ..models.sampling import generate
