@@ -125,7 +125,9 @@ def to_device(a, device: str):
 
 def to_numpy(a) -> np.ndarray:
     """A NumPy array with the same contents (a device-to-host copy for CuPy arrays)."""
-    return a if isinstance(a, np.ndarray) else _cupy.asnumpy(a)
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return _cupy.asnumpy(a)
+    return np.asarray(a)
 
 
 # ----------------------------------------------------------------------------- helpers that differ

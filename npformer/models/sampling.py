@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import no_grad
+from ..tensor import Tensor
 from .gpt import KVCache
 
 
@@ -54,7 +55,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     the uncached path does, so both give the same tokens for the same seed.
     """
     rng = np.random.default_rng(seed)
-    idx = np.array(backend.to_numpy(idx), dtype=np.int64)
+    idx = np.array(backend.to_numpy(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"generate: idx must have shape (B, T) with T >= 1; got {idx.shape}")
     device = backend.device_of(model.transformer.wte.weight.data)
