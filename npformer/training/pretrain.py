@@ -226,7 +226,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     train_loss = float("nan")
     val_loss = None
     model.train()
+    train_seconds, steps_run = 0.0, 0
     while step < cfg.max_iters:
+        t_step = time.perf_counter()
         lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
         set_lr(opt, lr)
         x, y = sampler.sample()
@@ -238,6 +240,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         opt.zero_grad()
         step += 1
         train_loss = loss.item()
+        train_seconds += time.perf_counter() - t_step
+        steps_run += 1
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
                                      f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
@@ -255,6 +259,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
 
     summary = {"step": step, "val_loss": val_loss, "best_val": best_val, "entropy_floor": floor,
                "context_floor": context_floor,
+               "ms_per_iter": 1000 * train_seconds / steps_run if steps_run else None,
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token,
                "seconds": time.perf_counter() - t_start, "out": cfg.out}
     if floor and val_loss is not None:

@@ -1,0 +1,144 @@
+"""CPU training step: npformer vs PyTorch eager on the same GPT, weights and batch.
+
+    python benchmarks/train_step.py                 # both configs, table on stdout
+    python benchmarks/train_step.py --config small --rounds 15
+
+One step = forward, cross-entropy, backward, clip_grad_norm(1.0), AdamW step, zero_grad,
+in float32. The frameworks run interleaved (k steps of one, then k of the other, repeated),
+so machine noise hits both alike; the table gives the median ms/step of each and their
+ratio. Peak memory is measured in a fresh subprocess per framework as the growth of the
+peak resident set size over the first steps (after the model and batch exist).
+
+PyTorch twins: "torch" is a minimal nanoGPT-style module (benchmarks/torch_twins.py);
+"hf" is transformers' GPT2LMHeadModel made by npformer.interop.to_torch (when installed).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = {
+    # nanoGPT's Shakespeare-char CPU recipe, and a larger one
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
+    "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=65),
+}
+
+
+def build(name, threads):
+    import torch
+    import npformer as nf
+    from npformer.models import GPT, GPTConfig
+    from npformer.optim import AdamW, clip_grad_norm, weight_decay_groups
+    from torch_twins import torch_twin
+
+    torch.set_num_threads(threads)
+    c = dict(CONFIGS[name])
+    B = c.pop("batch_size")
+    cfg = GPTConfig(**c)
+    model = GPT(cfg, generator=np.random.default_rng(0), device="cpu")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
+    y = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
+    opt = AdamW(weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3, betas=(0.9, 0.99))
+
+    def np_step():
+        _, loss = model(x, y)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    steps = {"npformer": np_step}
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def torch_step_for(tm):
+        decay = [p for p in tm.parameters() if p.dim() >= 2]
+        rest = [p for p in tm.parameters() if p.dim() < 2]
+        topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=1e-3, betas=(0.9, 0.99))
+
+        def step():
+            out = tm(xt, labels=yt) if hasattr(tm, "config") else tm(xt, yt)
+            loss = out.loss if hasattr(out, "loss") else out[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+            topt.step()
+            topt.zero_grad(set_to_none=True)
+        return step
+
+    steps["torch"] = torch_step_for(torch_twin(model))
+    try:
+        from npformer.interop import to_torch
+        steps["hf"] = torch_step_for(to_torch(model))
+    except ImportError:
+        pass
+    return steps
+
+
+def timed(fn, k):
+    t = time.perf_counter()
+    for _ in range(k):
+        fn()
+    return (time.perf_counter() - t) / k * 1000
+
+
+def peak_memory_mb(name, framework, threads, n_steps=3):
+    """Growth of peak RSS (MB) over n_steps, measured in a fresh interpreter."""
+    code = (f"import sys, resource; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
+            f"import train_step as b; s = b.build({name!r}, {threads})[{framework!r}];"
+            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"[s() for _ in range({n_steps})];"
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS) + ["all"], default="all")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    ap.add_argument("--steps", type=int, default=3, help="steps per framework per round")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    names = sorted(CONFIGS, reverse=True) if args.config == "all" else [args.config]
+    results = []
+    print(f"threads {args.threads}; numpy {np.__version__}; {args.rounds} rounds x {args.steps} steps, interleaved")
+    for name in names:
+        steps = build(name, args.threads)
+        for fn in steps.values():          # warm-up
+            for _ in range(2):
+                fn()
+        times = {k: [] for k in steps}
+        for _ in range(args.rounds):
+            for k, fn in steps.items():
+                times[k].append(timed(fn, args.steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mem = {} if args.no_memory else {k: peak_memory_mb(name, k, args.threads) for k in steps}
+        for k in steps:
+            row = dict(config=name, framework=k, ms_per_step=round(med[k], 2),
+                       ratio_npformer_over=round(med["npformer"] / med[k], 3),
+                       peak_mb=None if not mem else round(mem[k], 1))
+            results.append(row)
+        print(f"\n{name}: {CONFIGS[name]}")
+        print(f"{'framework':<10} {'ms/step':>9} {'npformer/this':>14} {'peak MB':>9}")
+        for k in steps:
+            pm = f"{mem[k]:9.1f}" if mem else f"{'-':>9}"
+            print(f"{k:<10} {med[k]:9.2f} {med['npformer'] / med[k]:14.3f} {pm}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
