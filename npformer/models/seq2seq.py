@@ -100,6 +100,15 @@ class DecoderKVCache:
     def length(self) -> int:
         return 0 if self.tgt_pad is None else self.tgt_pad.shape[1]
 
+    def select(self, rows) -> None:
+        """Keep batch rows `rows` ((B',) int array on the cache's device; repeats allowed), in that
+        order: every cached array a becomes a[rows]. Beam search uses it to follow each hypothesis's
+        parent; the memory given to later decode calls must be reindexed the same way."""
+        take = lambda arrays: [None if a is None else a[rows] for a in arrays]     # noqa: E731
+        self.self_k, self.self_v = take(self.self_k), take(self.self_v)
+        self.cross_k, self.cross_v = take(self.cross_k), take(self.cross_v)
+        self.tgt_pad = None if self.tgt_pad is None else self.tgt_pad[rows]
+
 
 # ----------------------------------------------------------------------------- cached decoder path
 # TransformerDecoderLayer.forward, for new target positions only, reading the layer's own weights
