@@ -7,8 +7,8 @@
 #
 #     PYTHONPATH=. bash scripts/gpu_check.sh
 #
-# Time: the steps are capped at 300 s (suite), 120 s (parity) and 120 s (benchmark), so the script
-# finishes within about 9 minutes even when a step hangs; if the machine is lent for a fixed time,
+# Time: the steps are capped at 240 s (suite), 120 s (parity) and 120 s (benchmark), so the script
+# finishes within about 8 minutes even when a step hangs; if the machine is lent for a fixed time,
 # start it with that time in mind, e.g. `timeout 500 bash scripts/gpu_check.sh`. Override the caps
 # with SUITE_TIMEOUT, PARITY_TIMEOUT and BENCH_TIMEOUT (seconds), and the interpreter with PYTHON.
 #
@@ -60,7 +60,7 @@ if not backend.gpu_available():
 EOF
 
 # NPFORMER_REQUIRE_GPU makes the parity tests fail, not skip, if the GPU were to vanish.
-step "test suite on the GPU (NPFORMER_DEVICE=gpu)" "${SUITE_TIMEOUT:-300}" \
+step "test suite on the GPU (NPFORMER_DEVICE=gpu)" "${SUITE_TIMEOUT:-240}" \
     env NPFORMER_DEVICE=gpu NPFORMER_REQUIRE_GPU=1 "${PYTHON}" -m pytest -q -x
 step "CPU/GPU parity of every op" "${PARITY_TIMEOUT:-120}" \
     env NPFORMER_REQUIRE_GPU=1 "${PYTHON}" -m pytest -q -rs tests/test_gpu_parity.py
