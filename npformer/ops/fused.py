@@ -8,6 +8,8 @@ tests/test_ops_fused.py.
 
 from __future__ import annotations
 
+import math
+
 from .. import backend, random
 from ..tensor import Tensor
 from ._core import needs, normalize_axis, register, result, tensors
@@ -151,24 +153,36 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
             raise ValueError(f"layer_norm: {name} has shape {p.shape}; expected normalized_shape {normalized_shape}")
     xp = a.xp
     axes = tuple(range(a.ndim - k, a.ndim))
-    mu = a.data.mean(axis=axes, keepdims=True)
-    xc = a.data - mu
-    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=axes, keepdims=True) + eps)
-    xhat = xc * rstd
-    out = xhat
-    if w is not None:
-        out = out * w.data
+    inv_n = 1.0 / math.prod(normalized_shape)
+    # sums times 1/n instead of .mean(), and in-place updates of fresh arrays: this op runs
+    # twice per block, on every token, so its temporaries matter
+    mu = a.data.sum(axis=axes, keepdims=True)
+    mu *= inv_n
+    xhat = a.data - mu                                               # x - mean
+    var = (xhat * xhat).sum(axis=axes, keepdims=True)
+    var *= inv_n
+    var += eps
+    rstd = xp.sqrt(var, out=var)
+    xp.divide(1.0, rstd, out=rstd)                                   # 1 / sqrt(var + eps)
+    xhat *= rstd
+    out = xhat * w.data if w is not None else xhat
     if b is not None:
-        out = out + b.data
+        out = out + b.data if w is None else out.__iadd__(b.data)
     lead = tuple(range(a.ndim - k))
 
     def backward(g):
         dxhat = g * w.data if w is not None else g
         da = None
         if needs(a):
-            m1 = dxhat.mean(axis=axes, keepdims=True)
-            m2 = (dxhat * xhat).mean(axis=axes, keepdims=True)
-            da = (dxhat - m1 - xhat * m2) * rstd
+            m1 = dxhat.sum(axis=axes, keepdims=True)
+            m1 *= inv_n
+            t = dxhat * xhat
+            m2 = t.sum(axis=axes, keepdims=True)
+            m2 *= inv_n
+            xp.multiply(xhat, m2, out=t)
+            da = dxhat - m1                                          # a new array (dxhat may be g)
+            da -= t
+            da *= rstd
         grads = [da]
         if w is not None:
             grads.append((g * xhat).sum(axis=lead) if needs(w) else None)
