@@ -1,0 +1,318 @@
+"""Training the encoder-decoder Transformer on a toy task: the loop behind ``npformer seq2seq``.
+
+The paper's recipe (Vaswani et al., 2017, section 5): Adam with beta1 = 0.9, beta2 = 0.98,
+eps = 1e-9; the learning rate
+
+    lr(step) = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+
+(linear warm-up, then inverse square root decay); label smoothing 0.1; dropout on every sub-layer
+output and on the embeddings. The loss is the cross-entropy of tgt_out = y EOS given tgt_in = BOS y
+(teacher forcing), padding ignored. Each step draws a fresh batch from the task's train split.
+
+Evaluation decodes the task's held-out test split (sources the training never sees) and reports
+exact match (the whole output, EOS included, right) and token accuracy (the share of target tokens
+y_1 .. y_n EOS predicted right at their position), greedily and with beam search when beam_size > 1.
+Weights come from a generator seeded with ``seed``, batches from ``seed + 1``, dropout from ``seed + 2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend, random
+from ..data.tasks import BOS, EOS, PAD, TaskTokenizer, get_task, make_batch
+from ..autograd import no_grad
+from ..models.decoding import beam_search
+from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from ..nn import functional as F
+from ..optim import Adam, noam, set_lr
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .progress import ProgressBar, format_seconds
+
+# optimizer steps per task when --max-iters is not given (see docs/seq2seq.md for what they reach)
+DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800}
+
+
+@dataclass(frozen=True)
+class Seq2SeqTrainConfig:
+    """Every setting of a training run (the ``npformer seq2seq`` flags, by the same names)."""
+    task: str = "copy"
+    d_model: int = 64
+    nhead: int = 4
+    num_layers: int = 2                 # encoder layers and decoder layers, each
+    dim_feedforward: int = 256
+    dropout: float = 0.1
+    batch_size: int = 64
+    max_iters: int = None               # None: DEFAULT_ITERS[task]
+    warmup: int = 200
+    lr_factor: float = 0.5
+    label_smoothing: float = 0.1
+    beam_size: int = 1                  # > 1: also evaluate with beam search at the end
+    length_penalty: float = 0.6
+    n_test: int = 1000
+    eval_interval: int = None           # None: only at the end
+    seed: int = 1337
+    device: str = None                  # None: NPFORMER_DEVICE, else cpu
+    out: str = None                     # None: out-seq2seq-{task}
+    attention_maps: bool = False
+
+    def checked(self) -> "Seq2SeqTrainConfig":
+        """Validate every field (ValueError naming the flag); fill in the defaults."""
+        get_task(self.task)
+        max_iters = DEFAULT_ITERS[self.task] if self.max_iters is None else self.max_iters
+        for name, v in (("d_model", self.d_model), ("nhead", self.nhead), ("num_layers", self.num_layers),
+                        ("dim_feedforward", self.dim_feedforward), ("batch_size", self.batch_size),
+                        ("max_iters", max_iters), ("warmup", self.warmup), ("beam_size", self.beam_size),
+                        ("n_test", self.n_test)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {v!r}")
+        if self.d_model % self.nhead:
+            raise ValueError(f"--d-model ({self.d_model}) must be divisible by --nhead ({self.nhead})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1); got {self.dropout}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
+        if not (self.lr_factor > 0 and math.isfinite(self.lr_factor)):
+            raise ValueError(f"--lr-factor must be a positive number; got {self.lr_factor}")
+        interval = max_iters if self.eval_interval is None else self.eval_interval
+        if interval < 1:
+            raise ValueError(f"--eval-interval must be a positive integer; got {interval}")
+        device = self.device or backend.default_device()
+        backend.check_device(device)
+        return dataclasses.replace(self, max_iters=max_iters, eval_interval=interval, device=device,
+                                   out=self.out or f"out-seq2seq-{self.task}")
+
+
+def model_config(cfg: Seq2SeqTrainConfig, task) -> Seq2SeqConfig:
+    """The model for a task: max_len fits the longest source and BOS + longest target + EOS."""
+    return Seq2SeqConfig(src_vocab_size=len(task.src_chars) + 3, tgt_vocab_size=len(task.tgt_chars) + 3,
+                         d_model=cfg.d_model, nhead=cfg.nhead, num_encoder_layers=cfg.num_layers,
+                         num_decoder_layers=cfg.num_layers, dim_feedforward=cfg.dim_feedforward,
+                         dropout=cfg.dropout, max_len=max(task.max_src_len, task.max_tgt_len + 2), pad_id=PAD)
+
+
+def loss_fn(model, src, tgt_in, tgt_out, label_smoothing: float):
+    """Mean label-smoothed cross-entropy over the non-pad target tokens; arrays on the model's device."""
+    logits = model(src, tgt_in)                                              # (B, T, V)
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V), tgt_out.reshape(B * T), ignore_index=PAD,
+                           label_smoothing=label_smoothing)
+
+
+def decode(model, tok: TaskTokenizer, src, beam_size: int = 1, length_penalty: float = 0.6) -> np.ndarray:
+    """(B, 1 + n) host token ids for (B, S) host source ids: greedy (beam_size 1) or beam search."""
+    src = backend.to_device(src, model.src_embed.weight.device)
+    n = model.config.max_len - 1
+    if beam_size == 1:
+        return model.greedy_decode(src, BOS, n, eos_id=EOS)
+    return beam_search(model, src, BOS, EOS, beam_size=beam_size, length_penalty=length_penalty,
+                       max_new_tokens=n)[0]
+
+
+def match_counts(pred, tgt_out) -> tuple:
+    """(exact rows, right tokens, target tokens) of predictions pred (B, n) against tgt_out (B, T).
+
+    Both are y EOS then PAD; pred is cut or PAD-extended to T. A token is right when it equals the
+    target at its position; a row is exact when all its target tokens (EOS included) are right.
+    """
+    T = tgt_out.shape[1]
+    pred = np.pad(pred, ((0, 0), (0, max(0, T - pred.shape[1]))), constant_values=PAD)[:, :T]
+    real = tgt_out != PAD
+    hit = (pred == tgt_out) & real
+    return int((hit.sum(axis=1) == real.sum(axis=1)).sum()), int(hit.sum()), int(real.sum())
+
+
+def evaluate(model, tok, pairs, beam_size: int = 1, length_penalty: float = 0.6, batch_size: int = 250) -> dict:
+    """{"exact_match", "token_accuracy", "n"} over (source, target) pairs; fractions in [0, 1]."""
+    exact, correct, total = 0, 0, 0
+    for i in range(0, len(pairs), batch_size):
+        src, _, tgt_out = make_batch(tok, pairs[i:i + batch_size])
+        counts = match_counts(decode(model, tok, src, beam_size, length_penalty)[:, 1:], tgt_out)   # drop BOS
+        exact, correct, total = exact + counts[0], correct + counts[1], total + counts[2]
+    return {"exact_match": exact / len(pairs), "token_accuracy": correct / total, "n": len(pairs)}
+
+
+def train(cfg: Seq2SeqTrainConfig, log=print) -> dict:
+    """Train, evaluate and checkpoint one run; return a summary dict of the measured figures."""
+    cfg = cfg.checked()
+    if os.path.isdir(cfg.out) and (os.path.exists(os.path.join(cfg.out, "latest.json"))
+                                   or any(d.startswith("ckpt-") for d in os.listdir(cfg.out))):
+        raise CheckpointError(f"{cfg.out} already holds a checkpoint; choose another --out")
+    task = get_task(cfg.task)
+    tok = TaskTokenizer.for_task(task)
+    test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3)
+    mcfg = model_config(cfg, task)
+    model = Seq2SeqTransformer(mcfg, generator=np.random.default_rng(cfg.seed), device=cfg.device)
+    opt = Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+    batch_rng = np.random.default_rng(cfg.seed + 1)
+    random.set_default_generator(cfg.device, backend.default_rng(cfg.seed + 2, cfg.device))
+    log(f"task {cfg.task}: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.src_vocab_size} -> "
+        f"{tok.tgt_vocab_size}, max_len {mcfg.max_len}, {len(test_pairs)} held-out test examples, device {cfg.device}")
+
+    def save(step, results):
+        meta = {"model": "seq2seq", "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                "task": cfg.task, "max_src_len": task.max_src_len, "results": results}
+        host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+        opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
+        save_checkpoint(cfg.out, step, host, opt_state, tok, meta)
+
+    bar = ProgressBar(cfg.max_iters)
+    train_seconds, results = 0.0, {}
+    model.train()
+    for step in range(1, cfg.max_iters + 1):
+        t0 = time.perf_counter()
+        lr = noam(step, cfg.d_model, cfg.warmup, cfg.lr_factor)
+        set_lr(opt, lr)
+        batch = make_batch(tok, task.batch(batch_rng, cfg.batch_size))       # (B, S), (B, T), (B, T)
+        src, tgt_in, tgt_out = (backend.to_device(a, cfg.device) for a in batch)
+        loss = loss_fn(model, src, tgt_in, tgt_out, cfg.label_smoothing)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        value = loss.item()
+        train_seconds += time.perf_counter() - t0
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step} (try a lower --lr-factor)")
+        bar.update(step, value, lr, int((tgt_out != PAD).sum()))
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            results = {"step": step, "loss": value, "train_seconds": round(train_seconds, 3),
+                       "greedy": evaluate(model, tok, test_pairs)}
+            if cfg.beam_size > 1 and step == cfg.max_iters:
+                results["beam"] = {"beam_size": cfg.beam_size, **evaluate(model, tok, test_pairs, cfg.beam_size,
+                                                                         cfg.length_penalty)}
+            bar.message(f"step {step}: " + "; ".join(
+                f"{k} exact match {100 * r['exact_match']:.1f}%, token accuracy {100 * r['token_accuracy']:.2f}%"
+                for k, r in results.items() if isinstance(r, dict)))
+            save(step, results)
+    model.eval()
+    for src_text, tgt_text in test_pairs[:3]:
+        got = tok.decode(decode(model, tok, make_batch(tok, [(src_text, tgt_text)])[0])[0, 1:])
+        log(f"  {src_text!r} -> {got!r} ({'right' if got == tgt_text else 'expected ' + repr(tgt_text)})")
+    if cfg.attention_maps:
+        example = max(test_pairs[:50], key=lambda p: len(p[0]))[0]           # a long source shows more
+        paths = save_attention_maps(model, tok, example, cfg.out)
+        for path in paths:
+            log(f"attention map: {path}")
+        if not paths:
+            log("no attention maps: matplotlib is not installed (pip install matplotlib)")
+    log(f"done: {cfg.max_iters} steps in {format_seconds(train_seconds)} of training; checkpoint in {cfg.out}")
+    return {"task": cfg.task, "steps": cfg.max_iters, **results, "out": cfg.out}
+
+
+def load_seq2seq(path: str, device: str = None):
+    """(model in eval mode, TaskTokenizer, meta) from a ``npformer seq2seq`` run or checkpoint directory."""
+    ckpt = load_checkpoint(path)
+    if ckpt.meta.get("model") != "seq2seq" or not isinstance(ckpt.tokenizer, TaskTokenizer):
+        raise CheckpointError(f"{ckpt.path} holds a {ckpt.meta.get('model')!r} model, not a seq2seq task model")
+    try:
+        config = Seq2SeqConfig(**ckpt.meta["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt.path}: model_config is invalid ({exc})") from None
+    tok = ckpt.tokenizer
+    if (config.src_vocab_size, config.tgt_vocab_size) != (tok.src_vocab_size, tok.tgt_vocab_size):
+        raise CheckpointError(f"{ckpt.path}: the model's vocabularies ({config.src_vocab_size}, "
+                              f"{config.tgt_vocab_size}) do not match its tokenizer's ({tok.src_vocab_size}, "
+                              f"{tok.tgt_vocab_size})")
+    model = Seq2SeqTransformer(config, device=device or backend.default_device())
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except ValueError as exc:
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the config ({exc})") from None
+    return model.eval(), tok, ckpt.meta
+
+
+# ----------------------------------------------------------------------------- attention maps
+
+# kind of attention -> PNG file name
+KINDS = {"encoder self-attention": "attention-encoder-self.png",
+         "decoder self-attention": "attention-decoder-self.png", "cross-attention": "attention-cross.png"}
+
+
+def attention_weights(model, src, tgt_in) -> dict:
+    """Per-layer, per-head attention weights of one teacher-forced pass in eval mode.
+
+    src (1, S), tgt_in (1, T) int. Returns {kind: [(H, L, S_kv) host array per layer]} for the
+    kinds in KINDS: encoder (S, S), decoder self (T, T) and cross (T, S). Each MultiHeadAttention's
+    forward is wrapped for the pass only, asking it for its unaveraged weights.
+    """
+    t = model.transformer
+    enc, dec, cross = KINDS
+    mods = [(enc, layer.self_attn) for layer in t.encoder.layers]
+    mods += [(kind, attn) for layer in t.decoder.layers
+             for kind, attn in ((dec, layer.self_attn), (cross, layer.multihead_attn))]
+    weights = {kind: [] for kind in KINDS}
+
+    def recording(kind, attn):
+        def forward(*args, **kwargs):
+            out, w = type(attn).forward(attn, *args, **{**kwargs, "need_weights": True, "average_attn_weights": False})
+            weights[kind].append(backend.to_numpy(w.data)[0])                 # (H, L, S_kv)
+            return out, w
+        return forward
+
+    was_training = model.training
+    model.eval()
+    try:
+        for kind, attn in mods:
+            object.__setattr__(attn, "forward", recording(kind, attn))
+        with no_grad():
+            model(src, tgt_in)
+    finally:
+        for _, attn in mods:
+            attn.__dict__.pop("forward", None)
+        model.train(was_training)
+    return weights
+
+
+def save_attention_maps(model, tok: TaskTokenizer, text: str, out_dir: str, dpi: int = 80) -> list:
+    """PNGs of the three kinds of attention while the model translates `text` (its own greedy
+    output as the decoder input); one panel per layer (rows) and head (columns). Returns the
+    paths written, none when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    device = model.src_embed.weight.device
+    src = tok.encode(text)[None]                                             # (1, S)
+    ys = decode(model, tok, src)[0]                                          # BOS y EOS (then PAD)
+    ys = ys[:1 + int(np.argmax(ys == EOS))] if (ys == EOS).any() else ys
+    weights = attention_weights(model, backend.to_device(src, device), backend.to_device(ys[None, :-1], device))
+    show = lambda c: "_" if c == " " else c                                  # noqa: E731
+    out_chars = [show(c) for c in tok.decode(ys[1:])] + ["</s>"] * bool((ys == EOS).any())
+    src_labels, tgt_in_labels = [show(c) for c in text], ["<s>"] + out_chars[:len(ys) - 2]
+    enc, dec, cross = KINDS
+    # kind -> (query labels, key labels, query axis name, key axis name)
+    labels = {enc: (src_labels, src_labels, "source (query)", "source (key)"),
+              dec: (out_chars, tgt_in_labels, "output being predicted", "decoder input"),
+              cross: (out_chars, src_labels, "output being predicted", "source")}
+    paths = []
+    for kind in KINDS:
+        layers = weights[kind]
+        n_layers, H = len(layers), layers[0].shape[0]
+        rows, cols, row_name, col_name = labels[kind]
+        fig, axes = plt.subplots(n_layers, H, squeeze=False, layout="constrained",
+                                 figsize=(H * (0.15 * len(cols) + 0.8), n_layers * (0.15 * len(rows) + 1.0) + 0.3))
+        for i, w in enumerate(layers):
+            for h in range(H):
+                ax = axes[i][h]
+                ax.imshow(w[h], vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest", aspect="equal")
+                ax.set_xticks(range(len(cols)), cols, fontsize=6, rotation=90 if max(map(len, cols)) > 1 else 0)
+                ax.set_yticks(range(len(rows)), rows, fontsize=6)
+                ax.set_title(f"layer {i}, head {h}", fontsize=8)
+                if h == 0:
+                    ax.set_ylabel(row_name, fontsize=7)
+                if i == n_layers - 1:
+                    ax.set_xlabel(col_name, fontsize=7)
+        fig.suptitle(f"{kind}: {text!r} -> {tok.decode(ys[1:])!r}", fontsize=9)
+        path = os.path.join(out_dir, KINDS[kind])
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        paths.append(path)
+    return paths
