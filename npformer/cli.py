@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             args = build_parser(_saved_settings(args.out)).parse_args(argv)
         args.run(args)
     except KeyboardInterrupt:
-        print("npformer: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        print("npformer: interrupted; checkpoints already written are intact (pretrain continues with --resume)", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, FloatingPointError, IndexError) as exc:
         if os.environ.get("NPFORMER_DEBUG"):
