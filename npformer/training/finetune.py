@@ -1,0 +1,254 @@
+"""Fine-tuning a pretrained GPT as a sequence classifier: the loop behind ``npformer finetune``.
+
+    backbone = load_gpt(ckpt)                      pretrained weights (or, with from_scratch, the
+                                                   same GPTConfig with fresh random weights)
+    model = SequenceClassifier(backbone, 2)        logits = head(h[last non-pad token])
+    AdamW, warmup + cosine, max_iters steps of batch_size examples; then val/test accuracy
+
+Three ways to train, with the same data, steps, batches (same seed), learning-rate schedule and
+classifier head initialisation, so that their accuracies compare the initial weights only:
+
+    full fine-tuning   every weight trains, starting from the pretrained ones
+    freeze             a linear probe: the backbone is frozen, only the head (C*2 + 2 weights) trains
+    from_scratch       the pretrained checkpoint's architecture with random weights, all training
+
+Batches are padded on the right to their longest example (a GPT is causal, so the padding never
+changes the hidden state at the last real token, which is what the head reads).
+
+The result is a checkpoint in ``out`` (checkpoint.py's format) with meta["model"] =
+"sequence_classifier", the backbone's model_config, the head's settings, the task's label names,
+the settings of the run and its accuracies; ``load_classifier`` rebuilds the model from it.
+A run never writes into an ``out`` that already holds a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend, random
+from ..autograd import no_grad
+from ..data import sentiment
+from ..models.classifier import SequenceClassifier
+from ..models.gpt import GPT, GPTConfig
+from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .loading import load_gpt
+from .progress import ProgressBar, format_seconds
+
+MODEL_KIND = "sequence_classifier"
+
+# task name -> (function returning {"train", "val", "test"} -> (texts, labels), label names)
+TASKS = {"sentiment": (sentiment.sentiment_splits, sentiment.LABELS)}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (the CLI flags, by the same names)."""
+    ckpt: str = "out-pretrain"
+    task: str = "sentiment"
+    freeze: bool = False                # linear probe: only the classifier head trains
+    from_scratch: bool = False          # the checkpoint's architecture, randomly initialised
+    max_iters: int = 150
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = None                # None: lr / 10
+    warmup_iters: int = None            # None: max_iters // 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    dropout: float = 0.0                # on the pooled vector, before the head
+    seed: int = 0
+    device: str = None                  # None: NPFORMER_DEVICE, else cpu
+    eval_batch_size: int = 250
+    out: str = "out-finetune"
+
+    def checked(self) -> "FinetuneConfig":
+        """Validate every field; return a copy with defaults filled in. Raises ValueError naming the flag."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        def positive_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+        need(self.task in TASKS, f"--task must be one of {sorted(TASKS)}; got {self.task!r}")
+        for name in ("max_iters", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            need(positive_int(v), f"--{name.replace('_', '-')} must be a positive integer; got {v!r}")
+        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+             f"--lr must be a positive number; got {self.lr}")
+        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        need(0 <= min_lr <= self.lr, f"--min-lr must be in [0, --lr={self.lr}]; got {min_lr}")
+        warmup = self.max_iters // 10 if self.warmup_iters is None else self.warmup_iters
+        need(isinstance(warmup, int) and 0 <= warmup < self.max_iters,
+             f"--warmup-iters must be in [0, --max-iters={self.max_iters}); got {warmup}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
+        need(isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and self.seed >= 0,
+             f"--seed must be an integer >= 0; got {self.seed!r}")
+        device = self.device or backend.default_device()
+        backend.check_device(device)
+        return dataclasses.replace(self, min_lr=min_lr, warmup_iters=warmup, device=device)
+
+
+# ----------------------------------------------------------------------------- data
+
+def encode_split(tok, texts, block_size: int, where: str):
+    """(ids (N, L) int64 right-padded with 0, lengths (N,)) for texts; L = the longest example.
+
+    Raises ValueError naming the characters the tokenizer lacks, or the example that does not
+    fit block_size tokens."""
+    try:
+        tok.encode("".join(sorted(set("".join(texts)))))      # every character once: all unknown ones named
+        encoded = [tok.encode(t) for t in texts]
+    except ValueError as exc:
+        raise ValueError(f"the tokenizer of {where} cannot encode the task's text: {exc}") from None
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    longest = int(lengths.argmax())
+    if lengths[longest] > block_size:
+        raise ValueError(f"the model in {where} reads at most {block_size} tokens (block_size) but the task's "
+                         f"example {texts[longest]!r} is {lengths[longest]} tokens long")
+    ids = np.zeros((len(texts), int(lengths.max())), dtype=np.int64)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)] = e
+    return ids, lengths
+
+
+def make_batch(ids, lengths, rows, device: str):
+    """(idx (B, T), pad_mask (B, T) bool, True = padding) for the given rows, T = their longest."""
+    T = int(lengths[rows].max())
+    idx = ids[rows, :T]                                                       # (B, T)
+    pad = np.arange(T)[None, :] >= lengths[rows][:, None]                     # (B, T)
+    return backend.to_device(idx, device), backend.to_device(pad, device)
+
+
+def accuracy(model: SequenceClassifier, ids, lengths, labels, device: str, batch_size: int = 250) -> float:
+    """Fraction of examples whose argmax logit is the label (model in eval mode, no graph)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with no_grad():
+        for start in range(0, len(labels), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(labels)))
+            idx, pad = make_batch(ids, lengths, rows, device)
+            logits, _ = model(idx, pad_mask=pad)                               # (B, num_classes)
+            pred = backend.to_numpy(logits.data.argmax(axis=-1))
+            correct += int((pred == labels[rows]).sum())
+    model.train(was_training)
+    return correct / len(labels)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out) and (os.path.exists(os.path.join(out, "latest.json"))
+                               or os.path.exists(os.path.join(out, "meta.json"))
+                               or any(d.startswith("ckpt-") for d in os.listdir(out))):
+        raise CheckpointError(f"{out} already holds a checkpoint; choose another --out")
+
+
+def load_classifier(path: str, device: str = None):
+    """(SequenceClassifier in eval mode, tokenizer, meta) from a fine-tuning checkpoint."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    if meta.get("model") != MODEL_KIND:
+        raise CheckpointError(f"{ckpt.path} holds a {meta.get('model')!r} model, not a {MODEL_KIND}")
+    try:
+        config = GPTConfig(**meta["model_config"])
+        head = meta["classifier"]
+        backbone = GPT(config, device=device or backend.default_device(), dtype=np.float32)
+        model = SequenceClassifier(backbone, int(head["num_classes"]), pooling=head["pooling"],
+                                   dropout=float(head["dropout"]))
+        model.load_state_dict(ckpt.model_state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt.path}: the classifier cannot be rebuilt ({type(exc).__name__}: {exc})") from None
+    return model.eval(), ckpt.tokenizer, meta
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def finetune(cfg: FinetuneConfig, log=print) -> dict:
+    """Fine-tune (or probe, or train from scratch) on cfg.task; save to cfg.out; return a summary.
+
+    Summary: init ("pretrained" or "scratch"), freeze, steps, train_loss (mean of the last 20
+    steps), val_accuracy, test_accuracy, n_test, trainable (parameter count), seconds, out.
+    """
+    t_start = time.perf_counter()
+    cfg = cfg.checked()
+    pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
+    _check_out(cfg.out)
+    config = pretrained.config
+    make_splits, label_names = TASKS[cfg.task]
+    splits = make_splits()
+    data = {name: (*encode_split(tok, texts, config.block_size, cfg.ckpt), labels)
+            for name, (texts, labels) in splits.items()}
+
+    if cfg.from_scratch:     # same architecture, fresh weights: only the initialisation differs
+        backbone = GPT(config, generator=np.random.default_rng(cfg.seed), device=cfg.device)
+    else:
+        backbone = pretrained
+    model = SequenceClassifier(backbone, len(label_names), dropout=cfg.dropout,
+                               generator=np.random.default_rng(cfg.seed))
+    model.train()
+    if cfg.freeze:
+        model.freeze_backbone()
+        backbone.eval()                 # fixed features: no dropout inside the backbone
+    trainable = sum(p.size for p in model.trainable_parameters())
+    opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
+    order_rng = np.random.default_rng(cfg.seed + 1)
+    random.set_default_generator(cfg.device, backend.default_rng(cfg.seed + 2, cfg.device))
+    init = "scratch" if cfg.from_scratch else "pretrained"
+    log(f"{cfg.task}: {init} {'frozen backbone (linear probe)' if cfg.freeze else 'full fine-tuning'}, "
+        f"{trainable:,} trainable parameters, {len(splits['train'][0]):,} train / {len(splits['val'][0]):,} val / "
+        f"{len(splits['test'][0]):,} test examples, device {cfg.device}")
+
+    ids, lengths, labels = data["train"]
+    perm, pos = order_rng.permutation(len(labels)), 0
+    bar = ProgressBar(cfg.max_iters)
+    recent = []
+    for step in range(cfg.max_iters):
+        lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        set_lr(opt, lr)
+        if pos + cfg.batch_size > len(perm):                 # next epoch: a fresh shuffle
+            perm, pos = order_rng.permutation(len(labels)), 0
+        rows = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        idx, pad = make_batch(ids, lengths, rows, cfg.device)
+        _, loss = model(idx, backend.to_device(labels[rows], cfg.device), pad_mask=pad)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm(model.trainable_parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step + 1}; nothing was written "
+                                     f"(try a lower --lr)")
+        recent = (recent + [value])[-20:]
+        bar.update(step + 1, value, lr, int(lengths[rows].max()) * len(rows))
+
+    val_acc = accuracy(model, *data["val"], cfg.device, cfg.eval_batch_size)
+    test_acc = accuracy(model, *data["test"], cfg.device, cfg.eval_batch_size)
+    summary = {"init": init, "freeze": cfg.freeze, "steps": cfg.max_iters, "train_loss": float(np.mean(recent)),
+               "val_accuracy": val_acc, "test_accuracy": test_acc, "n_test": len(data["test"][2]),
+               "trainable": int(trainable), "seconds": time.perf_counter() - t_start, "out": cfg.out}
+    meta = {"model": MODEL_KIND, "backbone": "gpt", "model_config": config.to_dict(),
+            "classifier": {"num_classes": len(label_names), "pooling": model.pooling, "dropout": cfg.dropout},
+            "task": cfg.task, "labels": list(label_names), "source_checkpoint": os.path.abspath(cfg.ckpt),
+            "finetune_config": dataclasses.asdict(cfg),
+            "metrics": {k: summary[k] for k in ("init", "train_loss", "val_accuracy", "test_accuracy", "n_test")}}
+    host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+    opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
+    save_checkpoint(cfg.out, cfg.max_iters, host, opt_state, tok, meta)
+    log(f"done in {format_seconds(summary['seconds'])}: val accuracy {val_acc:.4f}, "
+        f"test accuracy {test_acc:.4f} ({round(test_acc * summary['n_test'])}/{summary['n_test']}); "
+        f"checkpoint in {cfg.out}")
+    return summary
