@@ -7,7 +7,9 @@ One step = forward, cross-entropy, backward, clip_grad_norm(1.0), AdamW step, ze
 in float32. The frameworks run interleaved (k steps of one, then k of the other, repeated),
 so machine noise hits both alike; the table gives the median ms/step of each and their
 ratio. Peak memory is measured in a fresh subprocess per framework as the growth of the
-peak resident set size over the first steps (after the model and batch exist).
+resident set (sampled every ~1 ms) over the first three steps, after the model and batch exist.
+Between blocks the benchmark pauses 0.3 s: PyTorch's OpenMP threads and OpenBLAS's threads keep
+spinning for a while after their last call, and would otherwise slow whichever runs next.
 
 PyTorch twins: "torch" is a minimal nanoGPT-style module (benchmarks/torch_twins.py);
 "hf" is transformers' GPT2LMHeadModel made by npformer.interop.to_torch (when installed).
@@ -16,7 +18,6 @@ PyTorch twins: "torch" is a minimal nanoGPT-style module (benchmarks/torch_twins
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+PAUSE = 0.3   # seconds between blocks of steps
+
 CONFIGS = {
     # nanoGPT's Shakespeare-char CPU recipe, and a larger one
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
@@ -33,7 +36,7 @@ CONFIGS = {
 }
 
 
-def build(name, threads):
+def build(name, threads, only=None):
     import torch
     import npformer as nf
     from npformer.models import GPT, GPTConfig
@@ -75,29 +78,55 @@ def build(name, threads):
             topt.zero_grad(set_to_none=True)
         return step
 
-    steps["torch"] = torch_step_for(torch_twin(model))
-    try:
-        from npformer.interop import to_torch
-        steps["hf"] = torch_step_for(to_torch(model))
-    except ImportError:
-        pass
-    return steps
+    if only in (None, "torch"):
+        steps["torch"] = torch_step_for(torch_twin(model))
+    if only in (None, "hf"):
+        try:
+            from npformer.interop import to_torch
+            steps["hf"] = torch_step_for(to_torch(model))
+        except ImportError:
+            pass
+    return steps if only is None else {only: steps[only]}
 
 
 def timed(fn, k):
+    time.sleep(PAUSE)   # let the other framework's worker threads stop spinning (OpenMP/OpenBLAS)
     t = time.perf_counter()
     for _ in range(k):
         fn()
     return (time.perf_counter() - t) / k * 1000
 
 
-def peak_memory_mb(name, framework, threads, n_steps=3):
-    """Growth of peak RSS (MB) over n_steps, measured in a fresh interpreter."""
-    code = (f"import sys, resource; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
-            f"import train_step as b; s = b.build({name!r}, {threads})[{framework!r}];"
-            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            f"[s() for _ in range({n_steps})];"
-            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_peak(step, n_steps=3):
+    """Peak growth of the resident set (MB) while running `step` n_steps times, sampled every ~1 ms."""
+    import gc
+    import threading
+    gc.collect()
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+    t = threading.Thread(target=sample)
+    t.start()
+    for _ in range(n_steps):
+        step()
+    done.set()
+    t.join()
+    return max(peak[0], _rss_mb()) - base
+
+
+def peak_memory_mb(name, framework, threads):
+    """measure_peak in a fresh interpreter that builds only `framework`'s model."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
+            f"import train_step as b; s = b.build({name!r}, {threads}, only={framework!r})[{framework!r}];"
+            f"print(b.measure_peak(s))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
