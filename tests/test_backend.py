@@ -289,11 +289,11 @@ class _Scanner:
         return next((k for k, test in (("module", self.is_module), ("generator", self.is_generator),
                                        ("array", self.is_array)) if test(n, env)), None)
 
-    def scope(self, body, env, params=()):
+    def scope(self, body, env, params=(), host=()):
         env = dict(env)
         for p in params:           # a parameter hides an outer name; g, xp, rng keep their meaning
             env[p] = "module" if p in _MODULE_NAMES else "array" if p in _ARRAY_NAMES else \
-                "generator" if p in _GENERATOR_NAMES else None
+                "generator" if p in _GENERATOR_NAMES and p not in host else None
         nodes = list(_own_nodes(body))
         pairs = []                 # (target name, assigned expression)
         for n in nodes:
@@ -314,8 +314,11 @@ class _Scanner:
         for n in nodes:
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 a = n.args
-                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x]
-                self.scope(n.body if isinstance(n.body, list) else [n.body], env, names)
+                args = [x for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x]
+                # a parameter annotated as np.random.Generator is a host generator: not checked
+                host = {x.arg for x in args if x.annotation is not None
+                        and ast.unparse(x.annotation).endswith("random.Generator")}
+                self.scope(n.body if isinstance(n.body, list) else [n.body], env, [x.arg for x in args], host)
             elif isinstance(n, ast.ClassDef):
                 self.scope(n.body, env)
             elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
@@ -464,6 +467,10 @@ def op(a, b, x):
 def host_side():
     rng = np.random.default_rng(0)                 # a NumPy generator: not checked
     return rng.permutation(3)
+def host_param(rng: np.random.Generator):
+    return rng.choice(3)                           # annotated as a NumPy generator: not checked
+def device_param(rng):
+    return rng.shuffle(3)                          # a device generator: checked (cupy lacks shuffle)
 '''
 
 
@@ -472,8 +479,8 @@ def test_guard_catches_numpy_only_usage(cupy_module):
     problems = "\n".join(cupy_problems(uses))
     for expected in ["fake.py:5: xp.some_numpy_only_function", "xp.asarray(device=)", "xp.errstate",
                      "xp.exp(where=)", "array.sum(where=)", "array.resize", "array.getfield",
-                     "generator.random(method=)"]:
+                     "generator.random(method=)", "generator.shuffle"]:
         assert expected in problems, (expected, problems)
     assert "zeros" not in problems and "float32" not in problems and "tolist" not in problems
-    assert "np.errstate" not in problems and "permutation" not in problems
-    assert len(problems.splitlines()) == 8, problems
+    assert "np.errstate" not in problems and "permutation" not in problems and "choice" not in problems
+    assert len(problems.splitlines()) == 9, problems

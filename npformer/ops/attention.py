@@ -31,19 +31,27 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise shape_error("attention", q.shape, k.shape, v.shape,
                           why="(query (..., L, E), key (..., S, E), value (..., S, Ev)) do not fit together")
-    s = q.data @ k.data.swapaxes(-1, -2)                               # (..., L, S)
-    s *= scale
+    # The scale goes on q (L x E), and in the backward on dq and dk, rather than on the
+    # larger (L x S) scores; masks are applied in place where they do not enlarge the scores.
+    s = (q.data * scale) @ k.data.swapaxes(-1, -2)                     # (..., L, S)
     if mask is not None:
         if backend.device_of(mask) != q.device:
             raise backend.DeviceMismatchError(f"attention: mask is on {backend.device_of(mask)} but q is on {q.device}")
+        in_place = xp.broadcast_shapes(mask.shape, s.shape) == s.shape
         if mask.dtype == bool:
-            s = xp.where(mask, s, -xp.inf)                             # broadcasts s up to the mask's shape
+            if in_place:
+                xp.copyto(s, -xp.inf, where=~mask)
+            else:
+                s = xp.where(mask, s, -xp.inf)                         # broadcasts s up to the mask's shape
+        elif in_place:
+            s += mask
         else:
             s = s + mask.astype(s.dtype, copy=False)
     m = s.max(axis=-1, keepdims=True)                                  # (..., L, 1)
     if mask is not None:
         m[m == -xp.inf] = 0                                            # a dead row: exp(-inf - 0) = 0
-    p = s - m
+    p = s
+    p -= m
     xp.exp(p, out=p)
     denom = p.sum(axis=-1, keepdims=True)
     if mask is not None:
@@ -67,11 +75,14 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
             if scale_d is not None:
                 ds *= scale_d                                          # dP
             ds -= (ds * p).sum(axis=-1, keepdims=True)
-            ds *= p                                                    # dS
-            ds *= scale
+            ds *= p                                                    # dS / scale
             if needs(q):
-                dq = unbroadcast(ds @ k.data, q.shape)
+                dq = ds @ k.data
+                dq *= scale
+                dq = unbroadcast(dq, q.shape)
             if needs(k):
-                dk = unbroadcast(ds.swapaxes(-1, -2) @ q.data, k.shape)
+                dk = ds.swapaxes(-1, -2) @ q.data
+                dk *= scale
+                dk = unbroadcast(dk, k.shape)
         return dq, dk, dv
     return result(out, (q, k, v), backward, "attention")
