@@ -93,7 +93,10 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         grad = grad.astype(root.dtype, copy=False)
 
     grads = {id(root): grad}
-    for t in reversed(_topological_order(root)):
+    order = _topological_order(root)
+    del root                 # popping tensors off `order` then lets each node's saved arrays go
+    while order:             # as soon as its backward has run, instead of after the whole pass
+        t = order.pop()
         g = grads.pop(id(t), None)
         if g is None:
             continue
