@@ -71,28 +71,26 @@ def gelu(a, approximate: str = "none"):
             d *= g.reshape(-1)
             return (d.reshape(shape),)
     elif approximate == "tanh":
-        t = x * x
-        t *= 0.044715
-        t += 1
-        t *= x
-        t *= _SQRT_2_OVER_PI                             # u = sqrt(2/pi) (x + 0.044715 x^3)
-        xp.tanh(t, out=t)                                # t = tanh(u)
-        out = t + 1
-        out *= x
-        out *= 0.5                                       # x (1 + t) / 2
+        # With h = (1 + tanh(u)) / 2 the output is x h, and since 1 - tanh(u)^2 = 4 h (1 - h),
+        # the derivative is h + 2 h (1 - h) x du/dx: h is the only array saved.
+        h = x * x
+        h *= _SQRT_2_OVER_PI * 0.044715
+        h += _SQRT_2_OVER_PI
+        h *= x                                           # u = sqrt(2/pi) (x + 0.044715 x^3)
+        xp.tanh(h, out=h)
+        h += 1
+        h *= 0.5                                         # h = (1 + tanh(u)) / 2
+        out = x * h
 
         def backward(g):
-            d = t * t
-            xp.subtract(1, d, out=d)                     # 1 - t^2
-            du = x * x
-            du *= 3 * 0.044715
-            du += 1
-            du *= _SQRT_2_OVER_PI                        # du/dx
-            d *= du
-            d *= x
-            d += t
-            d += 1
-            d *= 0.5                                     # (1 + t)/2 + x (1 - t^2) du/dx / 2
+            w = x * x
+            w *= 6 * 0.044715 * _SQRT_2_OVER_PI
+            w += 2 * _SQRT_2_OVER_PI
+            w *= x                                       # 2 x du/dx
+            d = xp.subtract(1, h)
+            d *= h
+            d *= w
+            d += h                                       # h + 2 h (1 - h) x du/dx
             d *= g.reshape(-1)
             return (d.reshape(shape),)
     else:

@@ -39,8 +39,8 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
             raise backend.DeviceMismatchError(f"attention: mask is on {backend.device_of(mask)} but q is on {q.device}")
         in_place = xp.broadcast_shapes(mask.shape, s.shape) == s.shape
         if mask.dtype == bool:
-            if in_place:
-                xp.copyto(s, -xp.inf, where=~mask)
+            if in_place:                                               # adding a small 0/-inf table is
+                s += xp.where(mask, 0, -xp.inf).astype(s.dtype)        # faster than a masked write
             else:
                 s = xp.where(mask, s, -xp.inf)                         # broadcasts s up to the mask's shape
         elif in_place:
@@ -74,7 +74,7 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
             ds = g @ v.data.swapaxes(-1, -2)                           # dW (..., L, S)
             if scale_d is not None:
                 ds *= scale_d                                          # dP
-            ds -= (ds * p).sum(axis=-1, keepdims=True)
+            ds -= xp.einsum("...ij,...ij->...i", ds, p)[..., None]       # row sums of dP * P
             ds *= p                                                    # dS / scale
             if needs(q):
                 dq = ds @ k.data
