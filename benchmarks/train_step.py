@@ -38,7 +38,6 @@ CONFIGS = {
 
 def build(name, threads, only=None):
     import torch
-    import npformer as nf
     from npformer.models import GPT, GPTConfig
     from npformer.optim import AdamW, clip_grad_norm, weight_decay_groups
     from torch_twins import torch_twin

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-import npformer as nf
 from npformer import backend
 
 settings.register_profile(
@@ -53,7 +52,7 @@ def pytest_configure(config):
     # CI sets NPFORMER_REQUIRE_VERIFY=1: the PyTorch comparisons must run there, never skip.
     if os.environ.get("NPFORMER_REQUIRE_VERIFY"):
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401  (imported to prove it is installed)
             import transformers  # noqa: F401
         except ImportError as exc:
             raise pytest.UsageError(f"NPFORMER_REQUIRE_VERIFY is set but {exc}; install '.[verify]'")

@@ -133,6 +133,7 @@ def test_sdpa_dropout_is_reproducible_and_scales_kept_weights():
                                                  generator=nf.random.Generator(0, DEVICE))
     (o1, w1), (o2, w2) = run(), run()
     np.testing.assert_array_equal(host(o1), host(o2))
+    np.testing.assert_array_equal(host(w1), host(w2))
     _, clean = F.scaled_dot_product_attention(q, k, v, need_weights=True)
     kept = host(w1) != 0
     assert 0 < kept.mean() < 1
