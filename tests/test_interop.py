@@ -15,15 +15,16 @@ import pytest
 import npformer as nf
 from npformer import nn
 from npformer.interop import SUPPORTED, from_torch, to_torch
+from tests.torch_compare import Worst
 from tests.helpers import T, host
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.verify, pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")]
 
-TOL = {np.float64: 1e-9, np.float32: 1e-4}
 TD = {np.float64: torch.float64, np.float32: torch.float32}
 DTYPES = [np.float64, np.float32]
-WORST: dict = {}
+WORST = Worst("worst relative difference of from_torch twins to torch (outputs and gradients)", other="torch")
+close = WORST.close
 ACTIVATIONS = [lambda: "relu", lambda: "gelu", lambda: torch.nn.GELU("tanh"), lambda: torch.nn.ReLU()]
 
 
@@ -35,20 +36,8 @@ def report_worst():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    print("\nworst relative difference of from_torch twins to torch (outputs and gradients)")
-    for name in sorted(WORST):
-        print(f"  {name:26s} " + "  ".join(f"{np.dtype(d).name}: {v:.2e}" for d, v in sorted(
-            WORST[name].items(), key=lambda kv: -np.dtype(kv[0]).itemsize)))
+    WORST.report()
 
-
-def close(name, what, ours, theirs, dtype):
-    a = host(ours).astype(np.float64)
-    b = theirs.detach().double().numpy()
-    assert a.shape == b.shape, f"{name} {what}: shape {a.shape} vs torch {b.shape}"
-    d = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-    slot = WORST.setdefault(name, {})
-    slot[dtype] = max(slot.get(dtype, 0.0), d)
-    assert d <= TOL[dtype], f"{name} {what}: relative difference {d:.3g} > {TOL[dtype]:g}"
 
 
 def randomise(m, seed):

@@ -15,15 +15,16 @@ import pytest
 
 from npformer.interop import from_torch, to_torch
 from npformer.models.gpt import GPT, GPTConfig
+from tests.torch_compare import Worst
 from tests.helpers import DEVICE, T, host
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.verify
 
-TOL = {np.float64: 1e-9, np.float32: 1e-4}
 TD = {np.float64: torch.float64, np.float32: torch.float32}
-WORST: dict = {}
+WORST = Worst("worst relative difference of npformer GPT to HF GPT2LMHeadModel (logits, loss, gradients)", other="HF")
+close = WORST.close
 ACTIVATIONS = ["gelu_new", "gelu", "gelu_pytorch_tanh"]
 
 
@@ -34,20 +35,8 @@ def report_worst():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    print("\nworst relative difference of npformer GPT to HF GPT2LMHeadModel (logits, loss, gradients)")
-    for name in sorted(WORST):
-        print(f"  {name:20s} " + "  ".join(f"{np.dtype(d).name}: {v:.2e}" for d, v in sorted(
-            WORST[name].items(), key=lambda kv: -np.dtype(kv[0]).itemsize)))
+    WORST.report()
 
-
-def close(name, what, ours, theirs, dtype):
-    a = host(ours).astype(np.float64)
-    b = theirs.detach().double().numpy()
-    assert a.shape == b.shape, f"{name} {what}: shape {a.shape} vs HF {b.shape}"
-    d = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-    slot = WORST.setdefault(name, {})
-    slot[dtype] = max(slot.get(dtype, 0.0), d)
-    assert d <= TOL[dtype], f"{name} {what}: relative difference {d:.3g} > {TOL[dtype]:g}"
 
 
 def hf_config(seed, **overrides):
