@@ -31,9 +31,10 @@ class Tensor:
 
     def __init__(self, data, requires_grad: bool = False, *, _parents=None, _backward=None, _op=None):
         if not backend.is_array(data):
-            data = np.asarray(data) if not hasattr(data, "__cuda_array_interface__") else data
+            if hasattr(data, "__cuda_array_interface__"):
+                backend.gpu_available()      # a CuPy array made before npformer imported CuPy
             if not backend.is_array(data):
-                data = backend.get_array_module(data).asarray(data)
+                data = np.asarray(data)
         if requires_grad and not _is_float_dtype(data.dtype):
             raise TypeError(f"only floating-point tensors can require gradients; got dtype {data.dtype}")
         self.data = data
