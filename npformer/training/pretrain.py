@@ -55,7 +55,7 @@ class PretrainConfig:
     n_embd: int = 128
     block_size: int = 128
     batch_size: int = 16
-    max_iters: int = 1200
+    max_iters: int = 1000
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 100
