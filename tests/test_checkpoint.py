@@ -4,6 +4,8 @@ checkpoint can be broken (corrupt, truncated, missing, newer, not a checkpoint) 
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -259,3 +261,19 @@ def test_permissions_follow_the_umask(tmp_path, umask):
     assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask
     for name in ("latest.json", "ckpt-000003/meta.json", "ckpt-000003/model.npz"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_temporaries_of_dead_writers_are_removed(tmp_path):
+    """A `.tmp-ckpt-*-PID` directory left by a process killed mid-save is deleted by the next save;
+    one whose process is alive (here: this test's own parent) is kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".tmp-ckpt-000004-{dead}"
+    alive = tmp_path / f".tmp-ckpt-000004-{os.getppid()}"
+    for d in (stale, alive):
+        d.mkdir()
+        (d / "model.npz").write_bytes(b"partial")
+    save_checkpoint(str(tmp_path), 8, {"w": np.ones(2)}, {}, CharTokenizer("ab"), {})
+    assert not stale.exists()
+    assert alive.exists()
+    assert (tmp_path / "ckpt-000008" / "meta.json").exists()

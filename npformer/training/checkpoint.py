@@ -100,6 +100,22 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(d)
 
 
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Delete `.tmp-ckpt-*-PID` directories whose writing process no longer exists (killed mid-save)."""
+    for entry in os.listdir(out_dir):
+        if not (entry.startswith(".tmp-ckpt-") and os.path.isdir(os.path.join(out_dir, entry))):
+            continue
+        pid = entry.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)            # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+        except PermissionError:
+            pass                            # alive, owned by someone else
+
+
 def save_checkpoint(out_dir: str, step: int, model_state: dict, optimizer_state: dict,
                     tokenizer, meta: dict, keep: int = 2) -> str:
     """Write checkpoint `ckpt-{step}` into run directory `out_dir`; return its path.
@@ -121,6 +137,7 @@ def save_checkpoint(out_dir: str, step: int, model_state: dict, optimizer_state:
         except CheckpointError:
             pass
         shutil.rmtree(final)                # an orphan left by a run killed before latest.json moved
+    _remove_stale_temporaries(out_dir)
     tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")    # not mkdtemp (0700): the umask decides
     shutil.rmtree(tmp, ignore_errors=True)                        # left by a killed process with this pid
     try:
