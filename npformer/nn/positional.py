@@ -26,10 +26,17 @@ def sinusoidal_table(max_len: int, d_model: int, dtype=np.float64) -> np.ndarray
     return pe.astype(dtype)
 
 
-def _check_length(name: str, T: int, start: int, max_len: int) -> None:
-    if start < 0 or start + T > max_len:
+def _positions(module, x, start: int) -> int:
+    """T, the sequence length of x, after checking that positions start..start+T fit max_len and
+    that x ends with d_model."""
+    name = type(module).__name__
+    T = x.shape[1] if module.batch_first else x.shape[0]
+    if start < 0 or start + T > module.max_len:
         raise ValueError(f"{name}: sequence length {T} (starting at position {start}) exceeds max_len "
-                         f"{max_len}")
+                         f"{module.max_len}")
+    if x.shape[-1] != module.d_model:
+        raise ValueError(f"{name}: input of shape {tuple(x.shape)} must end with d_model {module.d_model}")
+    return T
 
 
 class SinusoidalPositionalEncoding(Module):
@@ -48,11 +55,7 @@ class SinusoidalPositionalEncoding(Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x, start: int = 0):
-        T = x.shape[1] if self.batch_first else x.shape[0]
-        _check_length(type(self).__name__, T, start, self.max_len)
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} must end with d_model "
-                             f"{self.d_model}")
+        T = _positions(self, x, start)
         pe = self.pe[start:start + T]                                         # (T, D)
         return self.dropout(x + (pe if self.batch_first else pe[:, None, :]))
 
@@ -75,11 +78,7 @@ class LearnedPositionalEmbedding(Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x, start: int = 0):
-        T = x.shape[1] if self.batch_first else x.shape[0]
-        _check_length(type(self).__name__, T, start, self.max_len)
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} must end with d_model "
-                             f"{self.d_model}")
+        T = _positions(self, x, start)
         pe = ops.getitem(self.weight, slice(start, start + T))                # (T, D)
         return self.dropout(x + (pe if self.batch_first else ops.reshape(pe, (T, 1, self.d_model))))
 
