@@ -17,6 +17,7 @@ from .. import backend, ops
 from .. import nn
 from ..nn import functional as F
 from ..tensor import Tensor
+from .config import require_divisible, require_dropout, require_positive_ints
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,9 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer; got {v!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout}")
+        require_positive_ints(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+        require_divisible(self, "n_embd", "n_head")
+        require_dropout(self)
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh'; got {self.gelu_approximate!r}")
 

@@ -23,6 +23,7 @@ from ..autograd import no_grad
 from ..nn import functional as F
 from ..nn import init
 from ..tensor import Tensor
+from .config import require_divisible, require_dropout, require_positive_ints
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,10 @@ class Seq2SeqConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "nhead", "num_encoder_layers",
-                     "num_decoder_layers", "dim_feedforward", "max_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"Seq2SeqConfig.{name} must be a positive integer; got {v!r}")
-        if self.d_model % self.nhead:
-            raise ValueError(f"Seq2SeqConfig.d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Seq2SeqConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        require_positive_ints(self, ("src_vocab_size", "tgt_vocab_size", "d_model", "nhead", "num_encoder_layers",
+                                     "num_decoder_layers", "dim_feedforward", "max_len"))
+        require_divisible(self, "d_model", "nhead")
+        require_dropout(self)
         smallest = min(self.src_vocab_size, self.tgt_vocab_size)
         if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, (int, np.integer)) \
                 or not 0 <= self.pad_id < smallest:

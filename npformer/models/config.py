@@ -1,0 +1,28 @@
+"""Checks shared by the models' frozen config dataclasses; each error names the field."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def require_positive_ints(config, names) -> None:
+    """Raise ValueError unless every field in `names` is an int >= 1 (bools refused)."""
+    owner = type(config).__name__
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{owner}.{name} must be a positive integer; got {v!r}")
+
+
+def require_divisible(config, width: str, heads: str) -> None:
+    """Raise ValueError unless the model width splits evenly over the attention heads."""
+    w, h = getattr(config, width), getattr(config, heads)
+    if w % h:
+        raise ValueError(f"{type(config).__name__}: {width} ({w}) must be divisible by {heads} ({h})")
+
+
+def require_dropout(config, name: str = "dropout") -> None:
+    """Raise ValueError unless the field is a probability in [0, 1)."""
+    v = getattr(config, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{type(config).__name__}.{name} must be in [0, 1); got {v!r}")
