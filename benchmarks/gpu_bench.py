@@ -36,8 +36,8 @@ def main():
     import torch
     from npformer import backend
     from npformer.models import GPT, GPTConfig
-    from npformer.optim import AdamW, clip_grad_norm, weight_decay_groups
-    from torch_twins import torch_twin
+    from npformer.optim import AdamW, weight_decay_groups
+    from torch_twins import npformer_step, torch_twin
 
     if args.device == "gpu" and not backend.gpu_available():
         sys.exit(f"gpu_bench: {backend.gpu_unavailable_reason()}")
@@ -51,12 +51,7 @@ def main():
     x, y = backend.to_device(xh, args.device), backend.to_device(yh, args.device)
     sync = (lambda: backend.xp_for("gpu").cuda.Device().synchronize()) if args.device == "gpu" else (lambda: None)
 
-    def np_step():
-        _, loss = model(x, y)
-        loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+    np_step = npformer_step(model, x, y, opt)
 
     tdev = "cuda" if args.device == "gpu" else "cpu"
     tm = torch_twin(model).to(tdev)

@@ -1,4 +1,5 @@
-"""A minimal PyTorch GPT with npformer's parameter names, for side-by-side benchmarks.
+"""A minimal PyTorch GPT with npformer's parameter names, and the training steps the
+side-by-side benchmarks time.
 
 It is the strongest eager baseline we know how to write: nanoGPT's layout, one fused q/k/v
 Linear, ``F.scaled_dot_product_attention`` and tanh GELU. Its weights are loaded from an
@@ -74,3 +75,16 @@ def torch_twin(npformer_gpt, dtype=torch.float32):
     state = {k: torch.from_numpy(backend.to_numpy(v).copy()).to(dtype) for k, v in npformer_gpt.state_dict().items()}
     model.load_state_dict(state, strict=True)
     return model
+
+
+def npformer_step(model, x, y, opt):
+    """One npformer training step (forward, loss, backward, clip 1.0, optimizer step), as a closure."""
+    from npformer.optim import clip_grad_norm
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return step

@@ -39,8 +39,8 @@ CONFIGS = {
 def build(name, threads, only=None):
     import torch
     from npformer.models import GPT, GPTConfig
-    from npformer.optim import AdamW, clip_grad_norm, weight_decay_groups
-    from torch_twins import torch_twin
+    from npformer.optim import AdamW, weight_decay_groups
+    from torch_twins import npformer_step, torch_twin
 
     torch.set_num_threads(threads)
     c = dict(CONFIGS[name])
@@ -52,12 +52,7 @@ def build(name, threads, only=None):
     y = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
     opt = AdamW(weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3, betas=(0.9, 0.99))
 
-    def np_step():
-        _, loss = model(x, y)
-        loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+    np_step = npformer_step(model, x, y, opt)
 
     steps = {"npformer": np_step}
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
