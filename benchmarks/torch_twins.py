@@ -77,14 +77,22 @@ def torch_twin(npformer_gpt, dtype=torch.float32):
     return model
 
 
-def npformer_step(model, x, y, opt):
-    """One npformer training step (forward, loss, backward, clip 1.0, optimizer step), as a closure."""
+def npformer_step(model, x, y, opt, threads=None):
+    """One npformer training step (forward, loss, backward, clip 1.0, optimizer step), as a closure.
+
+    threads: CPU threads of the data-parallel forward/backward (npformer.training.parallel);
+    None for its default (all usable cores on the CPU, 1 on the GPU).
+    """
+    from npformer import backend
     from npformer.optim import clip_grad_norm
+    from npformer.training.parallel import blas_context, check_threads, forward_backward
+
+    threads = check_threads(threads, backend.device_of(x))
 
     def step():
-        _, loss = model(x, y)
-        loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
+        with blas_context(threads):
+            forward_backward(model, x, y, threads)
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step(threads=threads)
         opt.zero_grad()
     return step

@@ -52,7 +52,7 @@ def build(name, threads, only=None):
     y = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
     opt = AdamW(weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3, betas=(0.9, 0.99))
 
-    np_step = npformer_step(model, x, y, opt)
+    np_step = npformer_step(model, x, y, opt, threads)
 
     steps = {"npformer": np_step}
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)

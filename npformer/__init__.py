@@ -6,7 +6,7 @@
     y.backward()            # x.grad == [[2., 4.]]
 """
 
-from . import backend, ops, random
+from . import backend, cpu, ops, random
 from .autograd import is_grad_enabled, no_grad, set_grad_enabled
 from .creation import arange, full, ones, ones_like, rand, randn, zeros, zeros_like
 from .gradcheck import GradcheckError, gradcheck
@@ -16,5 +16,7 @@ from .ops import (abs, add, attention, concatenate, cross_entropy, div, dropout,
                   sub, sum, tanh, transpose, var, where)
 from .random import manual_seed
 from .tensor import Tensor, tensor
+
+cpu.tune_allocator()   # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0 keeps the system settings)
 
 __version__ = "0.1.0"

@@ -37,6 +37,29 @@ def set_grad_enabled(enabled: bool):
         _state.grad_enabled = prev
 
 
+@contextlib.contextmanager
+def collect_leaf_grads():
+    """Within the block, backward() on this thread hands leaf gradients to a list instead of ``.grad``.
+
+    Yields the list; each backward appends ``(leaf, gradient)`` pairs, one per leaf it reached.
+    ``accumulate(pairs)`` adds them to ``.grad`` later. The data-parallel training step
+    (npformer.training.parallel) runs one backward per thread this way and then accumulates
+    the threads' gradients in a fixed order, so the result does not depend on timing.
+    """
+    prev = getattr(_state, "leaf_sink", None)
+    _state.leaf_sink = sink = []
+    try:
+        yield sink
+    finally:
+        _state.leaf_sink = prev
+
+
+def accumulate(pairs) -> None:
+    """Add each ``(leaf, gradient)`` pair collected by ``collect_leaf_grads`` to the leaf's ``.grad``."""
+    for t, g in pairs:
+        t._accumulate(g)
+
+
 def no_grad():
     """Context manager: ops inside record no graph and their results need no grad."""
     return set_grad_enabled(False)
@@ -93,6 +116,7 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         grad = grad.astype(root.dtype, copy=False)
 
     grads = {id(root): grad}
+    sink = getattr(_state, "leaf_sink", None)
     order = _topological_order(root)
     del root                 # popping tensors off `order` then lets each node's saved arrays go
     while order:             # as soon as its backward has run, instead of after the whole pass
@@ -104,7 +128,10 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
             if t._freed:
                 raise RuntimeError("backward: trying to backward through the graph a second time; "
                                    "its buffers were freed. Pass retain_graph=True the first time.")
-            t._accumulate(g)
+            if sink is None:
+                t._accumulate(g)
+            else:
+                sink.append((t, g))
             continue
         if t._retains_grad:
             t._accumulate(g)

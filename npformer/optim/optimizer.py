@@ -26,7 +26,7 @@ import numbers
 
 import numpy as np
 
-from .. import autograd, backend
+from .. import autograd, backend, cpu
 from ..tensor import Tensor
 
 
@@ -48,6 +48,22 @@ def nonnegative(name: str, value) -> float:
 
 
 # ----------------------------------------------------------------------------- the base class
+
+def _balanced(work: list, parts: int) -> list:
+    """`work` cut into at most `parts` consecutive runs holding about equal numbers of elements."""
+    sizes = [p.data.size for p, _, _ in work]
+    total = sum(sizes)
+    if parts <= 1 or len(work) <= 1 or total == 0:
+        return [work]
+    runs, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= total * (len(runs) + 1) / parts and len(runs) < parts - 1:
+            runs.append(work[start:i + 1])
+            start = i + 1
+    runs.append(work[start:])
+    return [r for r in runs if r]
+
 
 class Optimizer:
     """Base class: holds param_groups and state; subclasses define `_check_options` and `_update`.
@@ -114,12 +130,20 @@ class Optimizer:
                 else:
                     p.grad[...] = 0
 
-    def step(self, closure=None):
-        """One update of every parameter that has a grad; returns closure() when given (else None)."""
+    def step(self, closure=None, threads: int = 1):
+        """One update of every parameter that has a grad; returns closure() when given (else None).
+
+        threads: split the parameters into this many groups of about equal size, updated
+        concurrently (npformer.cpu.run_in_threads; NumPy releases the GIL in its loops). Each
+        parameter's update is the same whatever the split.
+        """
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer; got {threads!r}")
         loss = None
         if closure is not None:
             with autograd.set_grad_enabled(True):
                 loss = closure()
+        work = []                     # (parameter, its state, its group's options), checked first
         for gi, group in enumerate(self.param_groups):
             opts = self._check_options(group)  # re-checked (and made Python floats): groups are editable
             group.update(opts)
@@ -129,10 +153,15 @@ class Optimizer:
                 if tuple(p.grad.shape) != p.shape:
                     raise ValueError(f"{_label(group, gi, i)}: grad shape {tuple(p.grad.shape)} "
                                      f"does not match parameter shape {p.shape}")
-                state = self.state.get(p, {})
+                work.append((p, self.state.get(p, {}), opts))
+
+        def update(items):
+            for p, state, opts in items:
                 self._update(p.data, p.grad, state, opts)
-                if state:  # SGD without momentum keeps none
-                    self.state[p] = state
+        cpu.run_in_threads([lambda part=part: update(part) for part in _balanced(work, threads)])
+        for p, state, _ in work:
+            if state:  # SGD without momentum keeps none
+                self.state[p] = state
         return loss
 
     # ------------------------------------------------------------------ state dict

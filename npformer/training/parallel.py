@@ -1,0 +1,108 @@
+"""Data-parallel forward/backward on CPU threads: each thread runs the whole model on its rows.
+
+NumPy evaluates every elementwise operation on one core. Splitting each op over threads
+costs a thread hand-off per op (80-100 us on a virtual machine, more than many ops take),
+and OpenBLAS's own worker threads keep spinning after each GEMM and take the cores such
+threads would need. So npformer splits the *batch* instead: the batch axis is cut into
+one shard per thread, every thread runs the forward and the backward of its shard with a
+single-threaded BLAS (``npformer.cpu.blas_threads(1)``), and NumPy releases the GIL inside
+its loops, so the threads overlap almost completely. There is one hand-off per step.
+
+The gradients are those of the full-batch loss. With loss_i the shard's mean loss over its
+n_i counted targets (targets equal to ``ignore_index`` do not count) and N = sum n_i,
+
+    loss = sum_i (n_i / N) loss_i,    so    d loss = sum_i (n_i / N) d loss_i,
+
+which is the mean over all N targets. Each thread's leaf gradients are collected
+(``autograd.collect_leaf_grads``) and added to ``.grad`` in shard order once every thread has
+finished: the result does not depend on timing, and a shard that raises leaves every
+``.grad`` as it was. The sums are split differently from a one-thread step, so the two agree
+to rounding (float64: ~1e-15 relative), not bit for bit.
+
+Dropout: shard i draws from its own generator, seeded at every step from the global
+generator of the device, so a run is reproducible for a given thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from .. import autograd, backend, cpu, random
+
+def default_threads(device: str = "cpu") -> int:
+    """Threads the data-parallel step uses by default: the usable cores on the CPU, else 1.
+
+    1 as well when the BLAS library's thread count cannot be set (MKL, Accelerate): several
+    threads each calling a multi-threaded BLAS would oversubscribe the cores.
+    """
+    if device != "cpu" or not cpu.blas_controllable():
+        return 1
+    return cpu.usable_cores()
+
+
+def check_threads(threads, device: str = "cpu") -> int:
+    """`threads` validated (a positive int; None means default_threads(device))."""
+    if threads is None:
+        return default_threads(device)
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive integer; got {threads!r}")
+    if threads > 1 and device != "cpu":
+        raise ValueError(f"threads={threads} splits the batch over CPU threads, but the model is on {device}; "
+                         f"use threads=1 (a GPU runs each op in parallel already)")
+    return int(threads)
+
+
+def blas_context(threads: int):
+    """A context for a whole training step run with `threads` data-parallel threads.
+
+    With threads > 1 it keeps OpenBLAS at one thread for the step's other BLAS calls too
+    (the gradient norm's dot products): a multi-threaded BLAS call leaves OpenBLAS's workers
+    spinning for a while, on the cores the next step's threads need.
+    """
+    return cpu.blas_threads(1) if threads > 1 else contextlib.nullcontext()
+
+
+def forward_backward(model, x, y, threads=None, ignore_index: int = -1) -> float:
+    """Run ``model(x, y) -> (logits, loss)`` and its backward over `threads` shards of the batch.
+
+    x: (B, ...) inputs; y: (B, ...) integer targets, `ignore_index` marking targets the
+    loss skips (GPT uses -1). The model's loss must be the mean over its counted targets.
+    threads: None for default_threads(device); 1 runs a plain forward and backward.
+    Gradients are added to each parameter's ``.grad`` (as ``loss.backward()`` does).
+    Returns the full-batch loss as a Python float.
+    """
+    if getattr(x, "shape", None) is None or getattr(y, "shape", None) is None or len(x.shape) == 0:
+        raise ValueError("forward_backward: x and y must be arrays with a batch axis")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
+                         f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
+    device = backend.device_of(x)
+    threads = min(check_threads(threads, device), x.shape[0])
+    if threads <= 1:
+        _, loss = model(x, y)
+        loss.backward()
+        return loss.item()
+
+    xs, ys = np.array_split(x, threads), np.array_split(y, threads)
+    counts = [int((s != ignore_index).sum()) for s in ys]
+    total = sum(counts)
+    weights = [c / total if total else len(s) / len(y) for c, s in zip(counts, ys)]
+    gen = random.default_generator(device)
+    seeds = gen.integers(0, 2**63 - 1, size=threads)          # one dropout stream per shard
+
+    def shard(i):
+        if weights[i] == 0.0:                                  # nothing counted here
+            return [], 0.0
+        with random.thread_default_generator(random.Generator(int(seeds[i]), device), device), \
+                autograd.collect_leaf_grads() as grads:
+            _, loss = model(xs[i], ys[i])
+            (loss * weights[i]).backward()
+        return grads, weights[i] * loss.item()
+
+    with cpu.blas_threads(1):
+        results = cpu.run_in_threads([lambda i=i: shard(i) for i in range(threads)])
+    for grads, _ in results:                                   # in shard order
+        autograd.accumulate(grads)
+    return float(sum(part for _, part in results))
