@@ -41,6 +41,7 @@ from ..data.dataset import BatchSampler
 from ..models.gpt import GPT, GPTConfig
 from ..models.sampling import generate
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
+from . import parallel
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
 
@@ -70,6 +71,7 @@ class PretrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     device: str = None                  # None: NPFORMER_DEVICE, else cpu
+    threads: int = None                 # CPU threads of the data-parallel step; None: all usable cores
     data: str = None                    # None: the built-in toy language
     tokenizer: str = "char"             # "char" or "bpe"
     vocab_size: int = 512               # for --tokenizer bpe
@@ -101,8 +103,14 @@ class PretrainConfig:
         need(self.tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
         need(self.samples >= 0 and self.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0")
         device = self.device or backend.default_device()
+        t = self.threads
+        need(t is None or (isinstance(t, int) and not isinstance(t, bool) and t >= 1),
+             f"--threads must be a positive integer; got {t}")
+        need(t in (None, 1) or device == "cpu", f"--threads {t} splits the batch over CPU threads; on the "
+                                                f"{device} use --threads 1 (or leave it out)")
         backend.check_device(device)
-        return dataclasses.replace(self, lr_decay_iters=decay, device=device)
+        threads = parallel.default_threads(device) if t is None else t
+        return dataclasses.replace(self, lr_decay_iters=decay, device=device, threads=threads)
 
 
 def _load_corpus(cfg: PretrainConfig):
@@ -210,7 +218,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     if floor is not None and cfg.tokenizer == "char":
         context_floor = float(ToyLanguage(seed=0).windowed_loss(cfg.block_size).mean())
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-        f"device {cfg.device}; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
+        f"device {cfg.device}" + (f" ({cfg.threads} threads)" if cfg.device == "cpu" else "")
+        + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
         + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else ""))
 
@@ -232,14 +241,14 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
         set_lr(opt, lr)
         x, y = sampler.sample()
-        _, loss = model(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm(model.parameters(), cfg.grad_clip)
-        opt.step()
+        with parallel.blas_context(cfg.threads):    # one-thread BLAS under data-parallel threads
+            train_loss = parallel.forward_backward(model, backend.to_device(x, cfg.device),
+                                                   backend.to_device(y, cfg.device), cfg.threads)
+            if cfg.grad_clip > 0:
+                clip_grad_norm(model.parameters(), cfg.grad_clip)
+            opt.step(threads=cfg.threads)
         opt.zero_grad()
         step += 1
-        train_loss = loss.item()
         train_seconds += time.perf_counter() - t_step
         steps_run += 1
         if not math.isfinite(train_loss):
