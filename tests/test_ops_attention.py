@@ -2,6 +2,9 @@
 gradcheck over drawn shapes, broadcast batch axes and masks (bool and additive), fully
 masked rows, dropout, float32 kept, and errors."""
 
+import contextlib
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -90,3 +93,49 @@ def test_bad_shapes_name_the_op_and_shapes():
     with pytest.raises(ValueError) as info:
         nf.attention(T(np.ones((3, 4))), T(np.ones((5, 3))), T(np.ones((5, 2))))
     assert "attention" in str(info.value) and "(3, 4)" in str(info.value) and "(5, 3)" in str(info.value)
+
+
+@given(L=st.integers(1, 9), E=st.integers(1, 3), Ev=st.integers(1, 3), block=st.integers(1, 4),
+       batch=st.sampled_from([(), (2,), (2, 3)]), dtype=st.sampled_from([np.float64, np.float32]),
+       data=st.data())
+def test_causal_blocks_match_the_masked_computation_and_gradcheck(L, E, Ev, block, batch, dtype, data):
+    """causal=True in blocks of `block` query rows: same output and gradients as the tri mask."""
+    with causal_block(block):
+        _check_causal(L, E, Ev, batch, dtype, data)
+
+
+def _check_causal(L, E, Ev, batch, dtype, data):
+    q, k, v = (data.draw(arrays(batch + (L, n)), label=name) for name, n in (("q", E), ("k", E), ("v", Ev)))
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    g = data.draw(arrays(batch + (L, Ev)), label="g").astype(dtype)
+    mask = T(np.tri(L, L, dtype=bool)).data
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+    results = []
+    for kw in (dict(mask=mask), dict(causal=True)):
+        ts = [T(a, requires_grad=True) for a in (q, k, v)]
+        out = nf.attention(*ts, scale=0.7, **kw)
+        assert out.dtype == dtype
+        out.backward(T(g).data)
+        results.append([host(out)] + [host(t.grad) for t in ts])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, **tol)
+    if dtype == np.float64:
+        inputs = [T(a, requires_grad=True) for a in (q, k, v)]
+        assert nf.gradcheck(lambda a, b, c: nf.attention(a, b, c, scale=0.7, causal=True), inputs)
+
+
+@contextlib.contextmanager
+def causal_block(n):
+    """npformer.ops.attention.CAUSAL_BLOCK set to `n` inside the block."""
+    mod = importlib.import_module("npformer.ops.attention")
+    saved, mod.CAUSAL_BLOCK = mod.CAUSAL_BLOCK, n
+    try:
+        yield
+    finally:
+        mod.CAUSAL_BLOCK = saved
+
+
+def test_causal_with_a_mask_is_refused():
+    x = T(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="attention: causal=True cannot be combined with a mask"):
+        nf.attention(x, x, x, T(np.tri(3, 3, dtype=bool)).data, causal=True)

@@ -12,6 +12,8 @@ float32 against torch float32: |npformer - torch| <= 1e-7 + 1e-5 |torch| (gelu: 
 from dataclasses import dataclass
 from typing import Callable
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -136,6 +138,17 @@ for label, mask in {"nomask": None, "causal": _causal, "deadrow": _pad, "float":
          lambda q, k, v, m=mask: F.scaled_dot_product_attention(
              q, k, v, attn_mask=None if m is None else torch.as_tensor(m), scale=0.4),
          f32=(label == "causal"))
+for label, block in {"causal-full": 64, "causal-blocks": 2}.items():    # the causal=True path, both ways
+    def _np_causal(q, k, v, b=block):
+        mod = importlib.import_module("npformer.ops.attention")
+        saved, mod.CAUSAL_BLOCK = mod.CAUSAL_BLOCK, b
+        try:
+            return nf.attention(q, k, v, scale=0.4, causal=True)
+        finally:
+            mod.CAUSAL_BLOCK = saved
+    case("attention", label, [randn(2, 3, 7, 6), randn(2, 3, 7, 6), randn(2, 3, 7, 2)], _np_causal,
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.4),
+         f32=(label == "causal-blocks"))
 
 # ----------------------------------------------------------------------------- reductions
 def _dim(axis, ndim):

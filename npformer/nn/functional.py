@@ -130,6 +130,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     L, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
+    if is_causal and not need_weights:
+        return ops.attention(q, k, v, scale=scale, dropout_p=dropout_p, generator=generator, causal=True)
     if is_causal:
         attn_mask = causal_mask(L, S, q.xp)
     mask = mask_array(attn_mask, q)
