@@ -152,42 +152,48 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
         if p is not None and p.shape != normalized_shape:
             raise ValueError(f"layer_norm: {name} has shape {p.shape}; expected normalized_shape {normalized_shape}")
     xp = a.xp
-    axes = tuple(range(a.ndim - k, a.ndim))
-    inv_n = 1.0 / math.prod(normalized_shape)
-    # sums times 1/n instead of .mean(), and in-place updates of fresh arrays: this op runs
-    # twice per block, on every token, so its temporaries matter
-    mu = a.data.sum(axis=axes, keepdims=True)
+    n = math.prod(normalized_shape)
+    inv_n = 1.0 / n
+    # Rows of n normalized values. Row sums are matrix-vector products with a vector of ones
+    # (BLAS, no temporary) and sums of products are einsum contractions (no temporary): this op
+    # runs twice per block on every token, and its reductions cost more than its arithmetic.
+    x2 = a.data.reshape(-1, n)                                       # (R, n)
+    ones = xp.ones(n, dtype=x2.dtype)
+    mu = x2 @ ones
     mu *= inv_n
-    xhat = a.data - mu                                               # x - mean
-    var = (xhat * xhat).sum(axis=axes, keepdims=True)
-    var *= inv_n
-    var += eps
-    rstd = xp.sqrt(var, out=var)
+    xhat = x2 - mu[:, None]                                          # x - mean
+    rstd = xp.einsum("ij,ij->i", xhat, xhat)
+    rstd *= inv_n
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
     xp.divide(1.0, rstd, out=rstd)                                   # 1 / sqrt(var + eps)
+    rstd = rstd[:, None]
     xhat *= rstd
-    out = xhat * w.data if w is not None else xhat
+    wf = w.data.reshape(n) if w is not None else None
+    out = xhat * wf if w is not None else xhat
     if b is not None:
-        out = out + b.data if w is None else out.__iadd__(b.data)
-    lead = tuple(range(a.ndim - k))
+        out = out + b.data.reshape(n) if w is None else out.__iadd__(b.data.reshape(n))
+    out = out.reshape(a.shape)
 
     def backward(g):
-        dxhat = g * w.data if w is not None else g
+        g2 = g.reshape(-1, n)
+        dxhat = g2 * wf if w is not None else g2
         da = None
         if needs(a):
-            m1 = dxhat.sum(axis=axes, keepdims=True)
-            m1 *= inv_n
-            t = dxhat * xhat
-            m2 = t.sum(axis=axes, keepdims=True)
-            m2 *= inv_n
-            xp.multiply(xhat, m2, out=t)
-            da = dxhat - m1                                          # a new array (dxhat may be g)
-            da -= t
+            m1 = dxhat @ ones
+            m1 *= inv_n                                              # mean(dxhat)
+            m2 = xp.einsum("ij,ij->i", dxhat, xhat)
+            m2 *= inv_n                                              # mean(dxhat * xhat)
+            da = xhat * m2[:, None]
+            da += m1[:, None]
+            xp.subtract(dxhat, da, out=da)
             da *= rstd
+            da = da.reshape(a.shape)
         grads = [da]
         if w is not None:
-            grads.append((g * xhat).sum(axis=lead) if needs(w) else None)
+            grads.append(xp.einsum("ij,ij->j", g2, xhat).reshape(normalized_shape) if needs(w) else None)
         if b is not None:
-            grads.append(g.sum(axis=lead) if needs(b) else None)
+            grads.append((xp.ones(g2.shape[0], dtype=g2.dtype) @ g2).reshape(normalized_shape) if needs(b) else None)
         return tuple(grads)
     return result(out, ts, backward, "layer_norm")
 
