@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from . import backend
+from . import backend, cpu
 
 _state = threading.local()
 
@@ -54,10 +54,27 @@ def collect_leaf_grads():
         _state.leaf_sink = prev
 
 
-def accumulate(pairs) -> None:
-    """Add each ``(leaf, gradient)`` pair collected by ``collect_leaf_grads`` to the leaf's ``.grad``."""
+def accumulate(pairs, threads: int = 1) -> None:
+    """Add each ``(leaf, gradient)`` pair collected by ``collect_leaf_grads`` to the leaf's ``.grad``.
+
+    A leaf's gradients are added in the order of `pairs` (so the float result is fixed); a leaf
+    without a ``.grad`` gets the sum of its first two as a new array (one pass instead of a
+    copy and an add). threads: the leaves are shared out among this many threads.
+    """
+    by_leaf = {}
     for t, g in pairs:
-        t._accumulate(g)
+        by_leaf.setdefault(id(t), (t, []))[1].append(g)
+
+    def add(items):
+        for t, gs in items:
+            if t.grad is None and len(gs) > 1 and gs[0].dtype == gs[1].dtype == t.dtype:
+                t.grad = gs[0] + gs[1]
+                gs = gs[2:]
+            for g in gs:
+                t._accumulate(g)
+    items = list(by_leaf.values())
+    parts = [items[i::threads] for i in range(threads)] if threads > 1 else [items]
+    cpu.run_in_threads([lambda part=part: add(part) for part in parts if part])
 
 
 def no_grad():

@@ -59,6 +59,32 @@ def test_sharded_gradients_equal_the_full_batch_gradients(threads):
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-10, atol=1e-13, err_msg=name)
 
 
+@pytest.mark.parametrize("threads,shards", [(1, 3), (2, 5), (3, 4), (2, None)])
+def test_more_shards_than_threads_accumulate_the_same_gradients(threads, shards, monkeypatch):
+    import npformer.training.parallel as par
+    monkeypatch.setattr(par, "TOKENS_PER_SHARD", 8)       # the default: 5 rows of 8 tokens -> 5+ shards
+    model = make()
+    x, y = batch()
+    y[2, :3] = -1
+    ref_loss, ref = reference(model, x, y)
+    assert forward_backward(model, x, y, threads=threads, shards=shards) == pytest.approx(ref_loss, rel=1e-13)
+    got = grads(model)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-10, atol=1e-13, err_msg=name)
+    model.zero_grad()
+    forward_backward(model, x, y, threads=threads, shards=shards)
+    for name, g in grads(model).items():
+        np.testing.assert_array_equal(g, got[name])                    # reproducible bit for bit
+
+
+@pytest.mark.parametrize("shards", [0, -2, True, 2.0])
+def test_bad_shard_counts_are_refused(shards):
+    model = make()
+    x, y = batch()
+    with pytest.raises(ValueError, match="shards must be a positive integer"):
+        forward_backward(model, x, y, threads=2, shards=shards)
+
+
 def test_one_thread_is_a_plain_backward_and_batch_caps_the_shards():
     model = make()
     x, y = batch(B=1)
