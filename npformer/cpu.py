@@ -143,6 +143,11 @@ def blas_threads(n: int):
 _pool = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+_in_worker = threading.local()     # set in the pool's threads: nested calls run serially
+
+
+def _mark_worker():
+    _in_worker.flag = True
 
 
 def run_in_threads(tasks) -> list:
@@ -150,19 +155,21 @@ def run_in_threads(tasks) -> list:
 
     The first task runs on the calling thread, the others on a shared pool of worker threads.
     All tasks finish before this returns; if any raised, the first exception (in task order)
-    is raised then. Pure-Python work does not overlap (the GIL); NumPy loops do.
+    is raised then. Pure-Python work does not overlap (the GIL); NumPy loops do. Called from
+    inside one of the pool's own tasks, it runs the tasks one after another on that thread
+    (waiting for the pool there could deadlock).
     """
     global _pool, _pool_size
     tasks = list(tasks)
-    if len(tasks) <= 1:
-        return [t() for t in tasks]
+    if len(tasks) <= 1 or getattr(_in_worker, "flag", False):
+        return [t() for t in tasks]      # nothing to share, or called from a pool task: run here
     with _pool_lock:
         if _pool is None or _pool_size < len(tasks) - 1:
             from concurrent.futures import ThreadPoolExecutor
             if _pool is not None:
                 _pool.shutdown(wait=True)
             _pool_size = len(tasks) - 1
-            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="npformer")
+            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="npformer", initializer=_mark_worker)
         pool = _pool
     futures = [pool.submit(t) for t in tasks[1:]]
     results, errors = [], []

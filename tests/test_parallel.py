@@ -194,6 +194,11 @@ def test_run_in_threads_keeps_order_and_raises_after_all_finish():
     assert cpu.run_in_threads([]) == []
 
 
+def test_run_in_threads_nested_in_a_pool_task_runs_serially():
+    inner = lambda: cpu.run_in_threads([lambda: 1, lambda: 2, lambda: 3])     # noqa: E731
+    assert cpu.run_in_threads([inner, inner, inner]) == [[1, 2, 3]] * 3
+
+
 def test_collect_leaf_grads_hands_gradients_to_the_list():
     a = nf.tensor(np.array([1.0, 2.0]), requires_grad=True)
     with autograd.collect_leaf_grads() as pairs:

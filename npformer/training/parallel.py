@@ -4,28 +4,28 @@ NumPy evaluates every elementwise operation on one core. Splitting each op over 
 costs a thread hand-off per op (80-100 us on a virtual machine, more than many ops take),
 and OpenBLAS's own worker threads keep spinning after each GEMM and take the cores such
 threads would need. So npformer splits the *batch* instead: the batch axis is cut into
-one shard per thread, every thread runs the forward and the backward of its shard with a
-single-threaded BLAS (``npformer.cpu.blas_threads(1)``), and NumPy releases the GIL inside
-its loops, so the threads overlap almost completely. There is one hand-off per step.
+shards, every thread runs the forward and the backward of its shards with a single-threaded
+BLAS (``npformer.cpu.blas_threads(1)``), and NumPy releases the GIL inside its loops, so the
+threads overlap almost completely. There is one hand-off per step.
 
-The batch may be cut into more shards than threads (by default about TOKENS_PER_SHARD tokens
-each): every thread then runs its shards one after another, accumulating their gradients,
-which keeps fewer activations alive at once and runs no slower (smaller arrays stay in the
-caches).
+By default a shard holds about TOKENS_PER_SHARD tokens and the shard count is a multiple of
+the thread count; a thread with several shards runs them one after another, accumulating
+their gradients, which keeps fewer activations alive at once and runs no slower (smaller
+arrays stay in the caches).
 
 The gradients are those of the full-batch loss. With loss_i the shard's mean loss over its
 n_i counted targets (targets equal to ``ignore_index`` do not count) and N = sum n_i,
 
     loss = sum_i (n_i / N) loss_i,    so    d loss = sum_i (n_i / N) d loss_i,
 
-which is the mean over all N targets. Each thread's leaf gradients are collected
-(``autograd.collect_leaf_grads``) and added to ``.grad`` in shard order once every thread has
-finished: the result does not depend on timing, and a shard that raises leaves every
-``.grad`` as it was. The sums are split differently from a one-thread step, so the two agree
+which is the mean over all N targets. Each shard's leaf gradients are collected
+(``autograd.collect_leaf_grads``), summed per thread in shard order, and added to ``.grad`` in
+thread order once every thread has finished: the result does not depend on timing, and a
+shard that raises leaves every ``.grad`` as it was. The sums are split differently from a one-thread step, so the two agree
 to rounding (float64: ~1e-15 relative), not bit for bit.
 
 Dropout: shard i draws from its own generator, seeded at every step from the global
-generator of the device, so a run is reproducible for a given thread count.
+generator of the device, so a run is reproducible for a given thread and shard count.
 """
 
 from __future__ import annotations
