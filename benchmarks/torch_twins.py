@@ -80,19 +80,28 @@ def torch_twin(npformer_gpt, dtype=torch.float32):
 def npformer_step(model, x, y, opt, threads=None):
     """One npformer training step (forward, loss, backward, clip 1.0, optimizer step), as a closure.
 
-    threads: CPU threads of the data-parallel forward/backward (npformer.training.parallel);
-    None for its default (all usable cores on the CPU, 1 on the GPU).
+    threads: CPU workers of the data-parallel forward/backward: worker processes where the OS
+    can fork (npformer.training.workers), else threads (npformer.training.parallel); None for
+    all usable cores on the CPU, 1 on the GPU. The closure's ``worker_pids`` lists the forked
+    workers (their memory counts too).
     """
     from npformer import backend
     from npformer.optim import clip_grad_norm
+    from npformer.training import workers
     from npformer.training.parallel import blas_context, check_threads, forward_backward
 
     threads = check_threads(threads, backend.device_of(x))
+    pool = workers.ShardWorkers(model, threads) if threads > 1 and workers.available() else None
 
     def step():
         with blas_context(threads):
-            forward_backward(model, x, y, threads)
+            if pool is not None:
+                pool.forward_backward(x, y)
+            else:
+                forward_backward(model, x, y, threads)
             clip_grad_norm(model.parameters(), 1.0)
             opt.step(threads=threads)
         opt.zero_grad()
+    step.worker_pids = pool.pids if pool is not None else []
+    step.pool = pool
     return step

@@ -7,7 +7,8 @@ One step = forward, cross-entropy, backward, clip_grad_norm(1.0), AdamW step, ze
 in float32. The frameworks run interleaved (k steps of one, then k of the other, repeated),
 so machine noise hits both alike; the table gives the median ms/step of each and their
 ratio. Peak memory is measured in a fresh subprocess per framework as the growth of the
-resident set (sampled every ~1 ms) over the first three steps, after the model and batch exist.
+proportional set size (sampled every ~1 ms; npformer's worker processes included, shared pages
+counted once) over the first three steps, after the model and batch exist.
 Between blocks the benchmark pauses 0.3 s: PyTorch's OpenMP threads and OpenBLAS's threads keep
 spinning for a while after their last call, and would otherwise slow whichever runs next.
 
@@ -91,21 +92,30 @@ def timed(fn, k):
     return (time.perf_counter() - t) / k * 1000
 
 
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _pss_mb(pids):
+    """Proportional set size (MB) of these processes together: shared pages are counted once."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return total / 1024
 
 
 def measure_peak(step, n_steps=3):
-    """Peak growth of the resident set (MB) while running `step` n_steps times, sampled every ~1 ms."""
+    """Peak growth of the memory of this process and the step's worker processes (MB).
+
+    Measured as their proportional set size (shared pages split between the processes that
+    map them, so npformer's parameters in shared memory count once), sampled every ~1 ms.
+    """
     import gc
     import threading
     gc.collect()
-    base, peak, done = _rss_mb(), [0.0], threading.Event()
+    pids = ["self"] + list(getattr(step, "worker_pids", []))
+    base, peak, done = _pss_mb(pids), [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
+            peak[0] = max(peak[0], _pss_mb(pids))
             time.sleep(0.001)
     t = threading.Thread(target=sample)
     t.start()
@@ -113,7 +123,7 @@ def measure_peak(step, n_steps=3):
         step()
     done.set()
     t.join()
-    return max(peak[0], _rss_mb()) - base
+    return max(peak[0], _pss_mb(pids)) - base
 
 
 def peak_memory_mb(name, framework, threads):

@@ -51,8 +51,9 @@ def _pretrain_parser(sub, defaults=None):
     g.add_argument("--eval-iters", type=int, default=d.eval_iters, help="batches per evaluation")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches and dropout")
     g.add_argument("--device", choices=backend.DEVICES, default=None, help="default: $NPFORMER_DEVICE or cpu")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads; each runs the model on its share of the batch (default: all usable cores)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="CPU workers (processes where the OS can fork, else threads), each running the model "
+                        "on its share of the batch (default: all usable cores)")
     g.add_argument("--data", default=None, help="a UTF-8 text file (default: the built-in toy language)")
     g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer, help="character-level or byte-level BPE")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size for --tokenizer bpe")
@@ -70,7 +71,7 @@ def _saved_settings(out: str) -> dict:
     from .training.checkpoint import load_meta
     from .training.pretrain import PretrainConfig
     saved = load_meta(out)[1].get("pretrain_config")
-    inherit = {f.name for f in dataclasses.fields(PretrainConfig)} - {"out", "resume", "device", "threads"}
+    inherit = {f.name for f in dataclasses.fields(PretrainConfig)} - {"out", "resume", "device", "workers"}
     return {k: v for k, v in saved.items() if k in inherit} if isinstance(saved, dict) else {}
 
 

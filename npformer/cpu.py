@@ -184,6 +184,18 @@ def run_in_threads(tasks) -> list:
     return results
 
 
+def forked_child() -> None:
+    """Reset this module's thread state in a freshly forked child process.
+
+    Only the forking thread survives a fork: the pool's threads are gone and a lock another
+    thread held stays locked. The child gets new locks and runs run_in_threads serially.
+    """
+    global _pool, _pool_size, _blas_lock, _blas_users, _pool_lock
+    _pool, _pool_size, _blas_users = None, 0, 0
+    _blas_lock, _pool_lock = threading.Lock(), threading.Lock()
+    _in_worker.flag = True
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     try:

@@ -97,30 +97,30 @@ def test_stop_and_resume_is_bit_exact(tmp_path, dropout, k):
     assert losses(a) == losses([r for r in b if r["step"] in (4, 8, 12)])
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_resume_is_bit_exact_for_each_thread_count(tmp_path, threads):
-    full = pretrain(tiny(tmp_path, "a", dropout=0.2, threads=threads), log=quiet)
-    pretrain(tiny(tmp_path, "b", dropout=0.2, threads=threads, max_iters=6, lr_decay_iters=12), log=quiet)
-    resumed = pretrain(tiny(tmp_path, "b", dropout=0.2, threads=threads, resume=True), log=quiet)
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_resume_is_bit_exact_for_each_worker_count(tmp_path, workers):
+    full = pretrain(tiny(tmp_path, "a", dropout=0.2, workers=workers), log=quiet)
+    pretrain(tiny(tmp_path, "b", dropout=0.2, workers=workers, max_iters=6, lr_decay_iters=12), log=quiet)
+    resumed = pretrain(tiny(tmp_path, "b", dropout=0.2, workers=workers, resume=True), log=quiet)
     assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
     assert resumed["val_loss"] == full["val_loss"]
 
 
-def test_thread_counts_agree_without_dropout(tmp_path):
-    one = pretrain(tiny(tmp_path, "one", threads=1), log=quiet)
-    three = pretrain(tiny(tmp_path, "three", threads=3), log=quiet)
+def test_worker_counts_agree_without_dropout(tmp_path):
+    one = pretrain(tiny(tmp_path, "one", workers=1), log=quiet)
+    three = pretrain(tiny(tmp_path, "three", workers=3), log=quiet)
     a, b = load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "three"))
     for k in a.model_state:         # float32, 12 steps: only the summation order differs
         np.testing.assert_allclose(a.model_state[k], b.model_state[k], rtol=1e-3, atol=1e-5, err_msg=k)
     assert three["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("threads,device,match", [(0, "cpu", "--threads must be a positive integer; got 0"),
-                                                  (True, "cpu", "--threads must be a positive integer"),
-                                                  (2, "gpu", "--threads 2 splits the batch over CPU threads")])
-def test_bad_threads_are_refused(tmp_path, threads, device, match):
+@pytest.mark.parametrize("workers,device,match", [(0, "cpu", "--workers must be a positive integer; got 0"),
+                                                  (True, "cpu", "--workers must be a positive integer"),
+                                                  (2, "gpu", "--workers 2 splits the batch over CPU workers")])
+def test_bad_worker_counts_are_refused(tmp_path, workers, device, match):
     with pytest.raises(ValueError, match=match):
-        pretrain(tiny(tmp_path, threads=threads, device=device), log=quiet)
+        pretrain(tiny(tmp_path, workers=workers, device=device), log=quiet)
 
 
 def test_resume_keeps_the_original_schedule(tmp_path):

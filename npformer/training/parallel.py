@@ -72,6 +72,56 @@ def blas_context(threads: int):
     return cpu.blas_threads(1) if threads > 1 else contextlib.nullcontext()
 
 
+def plan_shards(x, y, threads: int, shards, ignore_index: int, device: str):
+    """Cut a batch for forward_backward: (shards, threads, [(x_i, y_i, weight_i, seed_i)]).
+
+    Validates `shards`; caps shards at the batch size and threads at shards; weights are the
+    shards' shares of the counted targets; seeds (one dropout stream per shard) are drawn from
+    the device's global generator.
+    """
+    if shards is None:
+        shards = threads * max(1, -(-x.size // (threads * TOKENS_PER_SHARD))) if device == "cpu" else 1
+    elif isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
+        raise ValueError(f"shards must be a positive integer; got {shards!r}")
+    shards = min(int(shards), x.shape[0])
+    threads = min(threads, shards)
+    if shards == 1:
+        return 1, 1, [(x, y, 1.0, None)]
+    xs, ys = np.array_split(x, shards), np.array_split(y, shards)
+    counts = [int((s != ignore_index).sum()) for s in ys]
+    total = sum(counts)
+    weights = [c / total if total else len(s) / len(y) for c, s in zip(counts, ys)]
+    seeds = random.default_generator(device).integers(0, 2**63 - 1, size=shards)
+    return shards, threads, [(xs[i], ys[i], weights[i], int(seeds[i])) for i in range(shards)]
+
+
+def run_shards(model, pieces, device: str = "cpu"):
+    """Forward and backward of `pieces` [(x, y, weight, seed)] one after another, on this thread.
+
+    Returns ([(leaf, summed gradient)], summed weighted loss). The leaf gradients of the pieces
+    are summed in order; nothing touches ``.grad``.
+    """
+    summed, loss_part = {}, 0.0
+    for x, y, weight, seed in pieces:
+        if weight == 0.0:                                      # nothing counted here
+            continue
+        with random.thread_default_generator(random.Generator(seed, device), device), \
+                autograd.collect_leaf_grads() as grads:
+            _, loss = model(x, y)
+            (loss * weight).backward()
+        loss_part += weight * loss.item()
+        for t, g in grads:
+            if id(t) not in summed:
+                summed[id(t)] = [t, g, False]                  # g may be shared: not written
+            else:
+                entry = summed[id(t)]
+                if entry[2]:
+                    entry[1] += g
+                else:
+                    entry[1], entry[2] = entry[1] + g, True    # a new array, ours to add into
+    return [(t, g) for t, g, _ in summed.values()], loss_part
+
+
 def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=None) -> float:
     """Run ``model(x, y) -> (logits, loss)`` and its backward over shards of the batch, on threads.
 
@@ -92,46 +142,14 @@ def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=N
         raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
                          f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
     device = backend.device_of(x)
-    threads = check_threads(threads, device)
-    if shards is None:
-        shards = threads * max(1, -(-x.size // (threads * TOKENS_PER_SHARD))) if device == "cpu" else 1
-    elif isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
-        raise ValueError(f"shards must be a positive integer; got {shards!r}")
-    shards = min(int(shards), x.shape[0])
-    threads = min(threads, shards)
+    shards, threads, pieces = plan_shards(x, y, check_threads(threads, device), shards, ignore_index, device)
     if shards == 1:
         _, loss = model(x, y)
         loss.backward()
         return loss.item()
 
-    xs, ys = np.array_split(x, shards), np.array_split(y, shards)
-    counts = [int((s != ignore_index).sum()) for s in ys]
-    total = sum(counts)
-    weights = [c / total if total else len(s) / len(y) for c, s in zip(counts, ys)]
-    gen = random.default_generator(device)
-    seeds = gen.integers(0, 2**63 - 1, size=shards)           # one dropout stream per shard
-
-    def run_thread(j):
-        """Shards j, j + threads, ...: their leaf gradients summed in shard order, and losses."""
-        summed, loss_part = {}, 0.0
-        for i in range(j, shards, threads):
-            if weights[i] == 0.0:                              # nothing counted here
-                continue
-            with random.thread_default_generator(random.Generator(int(seeds[i]), device), device), \
-                    autograd.collect_leaf_grads() as grads:
-                _, loss = model(xs[i], ys[i])
-                (loss * weights[i]).backward()
-            loss_part += weights[i] * loss.item()
-            for t, g in grads:
-                if id(t) not in summed:
-                    summed[id(t)] = [t, g, False]              # g may be shared: not written
-                else:
-                    entry = summed[id(t)]
-                    if entry[2]:
-                        entry[1] += g
-                    else:
-                        entry[1], entry[2] = entry[1] + g, True   # a new array, ours to add into
-        return [(t, g) for t, g, _ in summed.values()], loss_part
+    def run_thread(j):                  # shards j, j + threads, ...
+        return run_shards(model, pieces[j::threads], device)
 
     with cpu.blas_threads(1):
         results = cpu.run_in_threads([lambda j=j: run_thread(j) for j in range(threads)])

@@ -42,6 +42,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..models.sampling import generate
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
+from . import workers as shard_workers
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
 
@@ -71,7 +72,7 @@ class PretrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     device: str = None                  # None: NPFORMER_DEVICE, else cpu
-    threads: int = None                 # CPU threads of the data-parallel step; None: all usable cores
+    workers: int = None                 # CPU workers of the data-parallel step; None: all usable cores
     data: str = None                    # None: the built-in toy language
     tokenizer: str = "char"             # "char" or "bpe"
     vocab_size: int = 512               # for --tokenizer bpe
@@ -103,14 +104,14 @@ class PretrainConfig:
         need(self.tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
         need(self.samples >= 0 and self.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0")
         device = self.device or backend.default_device()
-        t = self.threads
+        t = self.workers
         need(t is None or (isinstance(t, int) and not isinstance(t, bool) and t >= 1),
-             f"--threads must be a positive integer; got {t}")
-        need(t in (None, 1) or device == "cpu", f"--threads {t} splits the batch over CPU threads; on the "
-                                                f"{device} use --threads 1 (or leave it out)")
+             f"--workers must be a positive integer; got {t}")
+        need(t in (None, 1) or device == "cpu", f"--workers {t} splits the batch over CPU workers; on the "
+                                                f"{device} use --workers 1 (or leave it out)")
         backend.check_device(device)
-        threads = parallel.default_threads(device) if t is None else t
-        return dataclasses.replace(self, lr_decay_iters=decay, device=device, threads=threads)
+        workers = parallel.default_threads(device) if t is None else t
+        return dataclasses.replace(self, lr_decay_iters=decay, device=device, workers=workers)
 
 
 def _load_corpus(cfg: PretrainConfig):
@@ -218,7 +219,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     if floor is not None and cfg.tokenizer == "char":
         context_floor = float(ToyLanguage(seed=0).windowed_loss(cfg.block_size).mean())
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-        f"device {cfg.device}" + (f" ({cfg.threads} threads)" if cfg.device == "cpu" else "")
+        f"device {cfg.device}" + (f" ({cfg.workers} workers)" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
         + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else ""))
@@ -236,35 +237,49 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     val_loss = None
     model.train()
     train_seconds, steps_run = 0.0, 0
-    while step < cfg.max_iters:
-        t_step = time.perf_counter()
-        lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-        set_lr(opt, lr)
-        x, y = sampler.sample()
-        with parallel.blas_context(cfg.threads):    # one-thread BLAS under data-parallel threads
-            train_loss = parallel.forward_backward(model, backend.to_device(x, cfg.device),
-                                                   backend.to_device(y, cfg.device), cfg.threads)
-            if cfg.grad_clip > 0:
-                clip_grad_norm(model.parameters(), cfg.grad_clip)
-            opt.step(threads=cfg.threads)
-        opt.zero_grad()
-        step += 1
-        train_seconds += time.perf_counter() - t_step
-        steps_run += 1
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
-                                     f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
-        bar.update(step, train_loss, lr, tokens_per_step)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            tl = evaluate(model, train_ids, cfg, seed=cfg.seed + 3)
-            val_loss = evaluate(model, val_ids, cfg, seed=cfg.seed + 4)
-            best_val = val_loss if best_val is None else min(best_val, val_loss)
-            record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
-                      "elapsed_s": round(time.perf_counter() - t_start, 3)}
-            _append_metrics(metrics_path, record)
-            gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
-            bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
-            save(step)
+    # Worker processes (or threads where there is no fork) each run the model on a share of
+    # every batch; see docs/performance.md#cpu-threads.
+    workers = (shard_workers.ShardWorkers(model, cfg.workers)
+               if cfg.workers > 1 and shard_workers.available() else None)
+
+    def step_fb(x, y):
+        if workers is not None:
+            return workers.forward_backward(x, y)
+        return parallel.forward_backward(model, x, y, cfg.workers)
+
+    try:
+        while step < cfg.max_iters:
+            t_step = time.perf_counter()
+            lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+            set_lr(opt, lr)
+            x, y = sampler.sample()
+            with parallel.blas_context(cfg.workers):    # one-thread BLAS under data-parallel workers
+                train_loss = step_fb(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
+                if cfg.grad_clip > 0:
+                    clip_grad_norm(model.parameters(), cfg.grad_clip)
+                opt.step(threads=cfg.workers)
+            opt.zero_grad()
+            step += 1
+            train_seconds += time.perf_counter() - t_step
+            steps_run += 1
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
+                                         f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
+            bar.update(step, train_loss, lr, tokens_per_step)
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                tl = evaluate(model, train_ids, cfg, seed=cfg.seed + 3)
+                val_loss = evaluate(model, val_ids, cfg, seed=cfg.seed + 4)
+                best_val = val_loss if best_val is None else min(best_val, val_loss)
+                record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
+                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                _append_metrics(metrics_path, record)
+                gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
+                bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
+                save(step)
+
+    finally:
+        if workers is not None:
+            workers.close()
 
     summary = {"step": step, "val_loss": val_loss, "best_val": best_val, "entropy_floor": floor,
                "context_floor": context_floor,

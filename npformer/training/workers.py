@@ -1,0 +1,296 @@
+"""Worker processes for the data-parallel step: the shards of parallel.py without the GIL.
+
+Threads share one interpreter lock. When a model's ops are short (the small benchmark config),
+a thread often returns from NumPy while the other holds the lock and sleeps until it is free:
+two threads were busy only 83-90% of the time there. A forked worker process has an
+interpreter of its own, so its shards overlap fully with the parent's.
+
+    workers = ShardWorkers(model, 2)          # forks 1 worker; the parent is the other
+    loss = workers.forward_backward(x, y)     # as parallel.forward_backward(model, x, y, 2)
+    ...
+    workers.close()                           # or use it as a context manager
+
+How it works (Linux and other systems with ``fork``; CPU only):
+
+- The parameters are moved into one block of shared memory (an anonymous ``MAP_SHARED`` mmap)
+  before the workers are forked: ``p.data`` becomes a view of that block. The parent's
+  optimizer updates parameters in place, so every worker sees the new values at its next step.
+- Each step, the parent sends worker k a JSON header and the raw bytes of its shards (shards
+  k, k + n, ... of ``parallel.plan_shards``; no pickle) and runs shards 0, n, ... itself.
+  A worker runs them exactly as a thread of ``parallel.forward_backward`` would
+  (``parallel.run_shards``), writes the summed leaf gradients into its own shared gradient
+  block and answers with its loss, or with the error it met.
+- The parent adds the workers' gradients after its own, in worker order: the gradients are
+  the same, bit for bit, as ``parallel.forward_backward(model, x, y, threads=n)`` with the same
+  shards. If any shard failed, no ``.grad`` is touched and the error is raised in the parent.
+- Workers mirror the train/eval mode of every module at each step. A parameter whose array was
+  replaced (``p.data = ...``, ``model.to(...)``) is copied back into shared memory if its shape
+  and dtype are unchanged; otherwise the step raises. Workers ignore Ctrl-C (the parent handles
+  it) and exit when the parent closes them (``close()``, or when the ShardWorkers is garbage
+  collected) or dies.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import struct
+import time
+import weakref
+
+import numpy as np
+
+from .. import autograd, backend, cpu
+from . import parallel
+
+_LEN = struct.Struct("<Q")
+
+
+def available() -> bool:
+    """Whether worker processes can be used here (the OS has fork)."""
+    return hasattr(os, "fork") and hasattr(os, "pipe")
+
+
+def _send(fd: int, *frames: bytes) -> None:
+    for frame in frames:
+        data = memoryview(_LEN.pack(len(frame)) + frame)
+        while data:
+            data = data[os.write(fd, data):]
+
+
+def _recv_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_frame(fd: int) -> bytes:
+    (n,) = _LEN.unpack(_recv_exact(fd, _LEN.size))
+    return _recv_exact(fd, n)
+
+
+_parent_fds = set()   # the parent's ends of every open worker pipe, of every ShardWorkers
+
+
+def _shutdown(pids, to_fds, from_fds) -> None:
+    """Ask the workers to quit, close the pipes, and reap them (killing any that hang for 5 s)."""
+    for fd in to_fds:
+        try:
+            _send(fd, b"")                 # an empty header: quit
+        except OSError:
+            pass
+    for fd in to_fds + from_fds:
+        _parent_fds.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5.0
+    for pid in pids:
+        try:
+            while os.waitpid(pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+        except ChildProcessError:
+            pass
+
+
+class ShardWorkers:
+    """`workers` - 1 forked processes that, with the parent, run the shards of each batch.
+
+    model: a CPU model with ``model(x, y) -> (logits, loss)``, its parameters all of one float
+    dtype. workers: the number of parallel workers, the parent included (>= 1; 1 forks nothing).
+    """
+
+    def __init__(self, model, workers: int):
+        workers = parallel.check_threads(workers, "cpu")
+        if workers > 1 and not available():
+            raise RuntimeError("ShardWorkers: this system has no fork(); use parallel.forward_backward with threads")
+        params = model.parameters()
+        if not params:
+            raise ValueError("ShardWorkers: the model has no parameters")
+        devices = {p.device for p in params}
+        dtypes = {p.dtype for p in params}
+        if devices != {"cpu"} or len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
+            raise ValueError(f"ShardWorkers: the parameters must be on the cpu and of one float dtype; "
+                             f"got devices {sorted(devices)} and dtypes {sorted(map(str, dtypes))}")
+        self.model, self.workers, self.params = model, workers, params
+        self._ids = [id(p) for p in params]
+        dtype = next(iter(dtypes))
+        total = sum(p.data.size for p in params)
+        nbytes = max(1, total * dtype.itemsize)
+
+        def views(block):
+            flat, out, at = np.frombuffer(block, dtype=dtype, count=total), [], 0
+            for p in params:
+                out.append(flat[at:at + p.data.size].reshape(p.shape))
+                at += p.data.size
+            return out
+        self._param_block = mmap.mmap(-1, nbytes)              # MAP_SHARED: seen by the workers
+        self._views = views(self._param_block)
+        for p, v in zip(params, self._views):
+            v[...] = p.data
+            p.data = v
+        self._grad_blocks = [mmap.mmap(-1, nbytes) for _ in range(workers - 1)]
+        self._grad_views = [views(b) for b in self._grad_blocks]
+        self._pids, self._to, self._from = [], [], []
+        for k in range(1, workers):
+            cmd_r, cmd_w = os.pipe()
+            rep_r, rep_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:                                       # the worker
+                try:
+                    os.close(cmd_w)
+                    os.close(rep_r)
+                    for fd in list(_parent_fds):              # other workers' pipes (of any pool):
+                        os.close(fd)                          # holding them would keep those open
+                    self._serve(k, cmd_r, rep_w)
+                finally:
+                    os._exit(0)
+            os.close(cmd_r)
+            os.close(rep_w)
+            self._pids.append(pid)
+            self._to.append(cmd_w)
+            self._from.append(rep_r)
+            _parent_fds.update((cmd_w, rep_r))
+        self._clean = True
+        self._finalizer = weakref.finalize(self, _shutdown, list(self._pids), list(self._to), list(self._from))
+
+    # ------------------------------------------------------------------ the worker's side
+    def _serve(self, k: int, cmd: int, reply: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cpu.forked_child()
+        modules = list(self.model.modules())
+        with cpu.blas_threads(1):
+            while True:
+                try:
+                    frame = _recv_frame(cmd)
+                    if not frame:                              # quit
+                        return
+                    header = json.loads(frame)
+                    arrays = [np.frombuffer(_recv_frame(cmd), dtype=dt).reshape(shape)
+                              for shape, dt in header["arrays"]]
+                except EOFError:
+                    return
+                try:
+                    for m, flag in zip(modules, header["training"]):
+                        object.__setattr__(m, "training", flag)
+                    pieces = [(arrays[2 * i], arrays[2 * i + 1], w, seed)
+                              for i, (w, seed) in enumerate(header["shards"])]
+                    pairs, loss = parallel.run_shards(self.model, pieces, "cpu")
+                    index = {pid: i for i, pid in enumerate(self._ids)}
+                    done = []
+                    for t, g in pairs:
+                        i = index[id(t)]
+                        self._grad_views[k - 1][i][...] = g
+                        done.append(i)
+                    answer = {"ok": True, "loss": loss, "grads": done}
+                except Exception as exc:                       # reported to the parent, which raises
+                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                _send(reply, json.dumps(answer).encode())
+
+    # ------------------------------------------------------------------ the parent's side
+    def _check_params(self) -> None:
+        if self._finalizer is None or not self._finalizer.alive:
+            raise RuntimeError("ShardWorkers: closed")
+        if [id(p) for p in self.model.parameters()] != self._ids:
+            raise ValueError("ShardWorkers: the model's parameters changed since the workers started; "
+                             "make a new ShardWorkers")
+        for p, v in zip(self.params, self._views):
+            if p.data is not v:
+                if p.data.shape != v.shape or p.data.dtype != v.dtype or backend.device_of(p.data) != "cpu":
+                    raise ValueError(f"ShardWorkers: a parameter became {p.data.dtype} {tuple(p.data.shape)} on "
+                                     f"{backend.device_of(p.data)}; the workers hold {v.dtype} {tuple(v.shape)} "
+                                     f"on the cpu. Make a new ShardWorkers")
+                v[...] = p.data
+                p.data = v
+
+    def forward_backward(self, x, y, ignore_index: int = -1, shards=None) -> float:
+        """``parallel.forward_backward(model, x, y, workers, ignore_index, shards)`` on the processes."""
+        if self.workers == 1:
+            return parallel.forward_backward(self.model, x, y, 1, ignore_index, shards)
+        self._check_params()
+        if getattr(x, "shape", None) is None or getattr(y, "shape", None) is None or len(x.shape) == 0:
+            raise ValueError("forward_backward: x and y must be arrays with a batch axis")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
+                             f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
+        if backend.device_of(x) != "cpu":
+            raise ValueError("ShardWorkers: the batch must be on the cpu")
+        x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+        _, n, pieces = parallel.plan_shards(x, y, self.workers, shards, ignore_index, "cpu")
+        if n == 1:
+            return parallel.forward_backward(self.model, x, y, 1, ignore_index, 1)
+        training = [m.training for m in self.model.modules()]
+        try:
+            return self._exchange(pieces, n, training)
+        except BaseException:
+            # an interrupted exchange (Ctrl-C, a worker gone) leaves replies unread: the pipes
+            # can no longer be trusted, so the workers are stopped
+            if not self._clean:
+                self.close()
+            raise
+
+    def _exchange(self, pieces, n: int, training: list) -> float:
+        self._clean = False
+        error, busy = None, []
+        for k in range(1, n):
+            mine = pieces[k::n]
+            header = {"training": training, "shards": [[w, seed] for _, _, w, seed in mine],
+                      "arrays": [[list(a.shape), a.dtype.str] for xi, yi, _, _ in mine for a in (xi, yi)]}
+            frames = [np.ascontiguousarray(a).tobytes() for xi, yi, _, _ in mine for a in (xi, yi)]
+            try:
+                _send(self._to[k - 1], json.dumps(header).encode(), *frames)
+            except BrokenPipeError:
+                error = error or RuntimeError(f"ShardWorkers: worker process {self._pids[k - 1]} exited")
+                break
+            busy.append(k)
+        loss, pairs = 0.0, []
+        with cpu.blas_threads(1):
+            if error is None:
+                try:
+                    own, loss = parallel.run_shards(self.model, pieces[0::n], "cpu")
+                    pairs = list(own)
+                except Exception as exc:
+                    error = exc
+            for k in busy:
+                try:
+                    answer = json.loads(_recv_frame(self._from[k - 1]))
+                except EOFError:
+                    answer = {"ok": False, "error": f"worker process {self._pids[k - 1]} exited"}
+                if not answer["ok"]:
+                    error = error or RuntimeError(f"ShardWorkers: worker {k}: {answer['error']}")
+                    continue
+                loss += answer["loss"]
+                pairs += [(self.params[i], self._grad_views[k - 1][i]) for i in answer["grads"]]
+            self._clean = not any("exited" in str(e) for e in [error] if e is not None)
+            if error is not None:
+                raise error
+            autograd.accumulate(pairs, n)     # copies out of the shared blocks, in worker order
+        return float(loss)
+
+    @property
+    def pids(self) -> list:
+        """Process ids of the forked workers."""
+        return list(self._pids)
+
+    def close(self) -> None:
+        """Stop the workers (the parameters stay in shared memory and keep working)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
