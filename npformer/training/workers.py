@@ -32,6 +32,7 @@ How it works (Linux and other systems with ``fork``; CPU only):
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -147,7 +148,8 @@ class ShardWorkers:
         for k in range(1, workers):
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
-            pid = os.fork()
+            gc.freeze()          # objects that exist now stay out of the worker's collections:
+            pid = os.fork()      # fewer of the parent's pages get copied into the worker
             if pid == 0:                                       # the worker
                 try:
                     os.close(cmd_w)
@@ -157,6 +159,7 @@ class ShardWorkers:
                     self._serve(k, cmd_r, rep_w)
                 finally:
                     os._exit(0)
+            gc.unfreeze()
             os.close(cmd_r)
             os.close(rep_w)
             self._pids.append(pid)
@@ -187,13 +190,21 @@ class ShardWorkers:
                         object.__setattr__(m, "training", flag)
                     pieces = [(arrays[2 * i], arrays[2 * i + 1], w, seed)
                               for i, (w, seed) in enumerate(header["shards"])]
-                    pairs, loss = parallel.run_shards(self.model, pieces, "cpu")
+                    # shard by shard, summing straight into the shared block (the same float
+                    # sums as parallel.run_shards, without a second copy of the gradients)
                     index = {pid: i for i, pid in enumerate(self._ids)}
-                    done = []
-                    for t, g in pairs:
-                        i = index[id(t)]
-                        self._grad_views[k - 1][i][...] = g
-                        done.append(i)
+                    block, done, loss = self._grad_views[k - 1], [], 0.0
+                    for piece in pieces:
+                        pairs, part = parallel.run_shards(self.model, [piece], "cpu")
+                        loss += part
+                        for t, g in pairs:
+                            i = index[id(t)]
+                            if i in done:
+                                block[i] += g
+                            else:
+                                block[i][...] = g
+                                done.append(i)
+                        del pairs
                     answer = {"ok": True, "loss": loss, "grads": done}
                 except Exception as exc:                       # reported to the parent, which raises
                     answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
