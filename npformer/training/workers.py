@@ -82,6 +82,7 @@ _parent_fds = set()   # the parent's ends of every open worker pipe, of every Sh
 
 def _shutdown(pids, to_fds, from_fds) -> None:
     """Ask the workers to quit, close the pipes, and reap them (killing any that hang for 5 s)."""
+    pids, to_fds, from_fds = list(pids), list(to_fds), list(from_fds)
     for fd in to_fds:
         try:
             _send(fd, b"")                 # an empty header: quit
@@ -145,6 +146,9 @@ class ShardWorkers:
         self._grad_blocks = [mmap.mmap(-1, nbytes) for _ in range(workers - 1)]
         self._grad_views = [views(b) for b in self._grad_blocks]
         self._pids, self._to, self._from = [], [], []
+        self._clean = True
+        # registered first, on the lists that the loop fills: a failed fork stops the others
+        self._finalizer = weakref.finalize(self, _shutdown, self._pids, self._to, self._from)
         for k in range(1, workers):
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
@@ -166,8 +170,6 @@ class ShardWorkers:
             self._to.append(cmd_w)
             self._from.append(rep_r)
             _parent_fds.update((cmd_w, rep_r))
-        self._clean = True
-        self._finalizer = weakref.finalize(self, _shutdown, list(self._pids), list(self._to), list(self._from))
 
     # ------------------------------------------------------------------ the worker's side
     def _serve(self, k: int, cmd: int, reply: int) -> None:
