@@ -77,13 +77,14 @@ def torch_twin(npformer_gpt, dtype=torch.float32):
     return model
 
 
-def npformer_step(model, x, y, opt, threads=None):
+def npformer_step(model, x, y, opt, threads=None, shards=None):
     """One npformer training step (forward, loss, backward, clip 1.0, optimizer step), as a closure.
 
     threads: CPU workers of the data-parallel forward/backward: worker processes where the OS
     can fork (npformer.training.workers), else threads (npformer.training.parallel); None for
-    all usable cores on the CPU, 1 on the GPU. The closure's ``worker_pids`` lists the forked
-    workers (their memory counts too).
+    all usable cores on the CPU, 1 on the GPU. shards: how many pieces the batch is cut into
+    (None: npformer's default). The closure's ``worker_pids`` lists the forked workers (their
+    memory counts too).
     """
     from npformer import backend
     from npformer.optim import clip_grad_norm
@@ -96,9 +97,9 @@ def npformer_step(model, x, y, opt, threads=None):
     def step():
         with blas_context(threads):
             if pool is not None:
-                pool.forward_backward(x, y)
+                pool.forward_backward(x, y, shards=shards)
             else:
-                forward_backward(model, x, y, threads)
+                forward_backward(model, x, y, threads, shards=shards)
             clip_grad_norm(model.parameters(), 1.0)
             opt.step(threads=threads)
         opt.zero_grad()

@@ -37,7 +37,7 @@ CONFIGS = {
 }
 
 
-def build(name, threads, only=None):
+def build(name, threads, only=None, shards=None):
     import torch
     from npformer.models import GPT, GPTConfig
     from npformer.optim import AdamW, weight_decay_groups
@@ -53,7 +53,7 @@ def build(name, threads, only=None):
     y = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
     opt = AdamW(weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3, betas=(0.9, 0.99))
 
-    np_step = npformer_step(model, x, y, opt, threads)
+    np_step = npformer_step(model, x, y, opt, threads, shards)
 
     steps = {"npformer": np_step}
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -126,10 +126,10 @@ def measure_peak(step, n_steps=3):
     return max(peak[0], _pss_mb(pids)) - base
 
 
-def peak_memory_mb(name, framework, threads):
+def peak_memory_mb(name, framework, threads, shards=None):
     """measure_peak in a fresh interpreter that builds only `framework`'s model."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
-            f"import train_step as b; s = b.build({name!r}, {threads}, only={framework!r})[{framework!r}];"
+            f"import train_step as b; s = b.build({name!r}, {threads}, only={framework!r}, shards={shards!r})[{framework!r}];"
             f"print(b.measure_peak(s))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -141,6 +141,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=3, help="steps per framework per round")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--shards", type=int, default=None, help="npformer's batch shards (default: its own choice)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -148,7 +149,7 @@ def main():
     results = []
     print(f"threads {args.threads}; numpy {np.__version__}; {args.rounds} rounds x {args.steps} steps, interleaved")
     for name in names:
-        steps = build(name, args.threads)
+        steps = build(name, args.threads, shards=args.shards)
         for fn in steps.values():          # warm-up
             for _ in range(2):
                 fn()
@@ -157,7 +158,7 @@ def main():
             for k, fn in steps.items():
                 times[k].append(timed(fn, args.steps))
         med = {k: statistics.median(v) for k, v in times.items()}
-        mem = {} if args.no_memory else {k: peak_memory_mb(name, k, args.threads) for k in steps}
+        mem = {} if args.no_memory else {k: peak_memory_mb(name, k, args.threads, args.shards) for k in steps}
         for k in steps:
             row = dict(config=name, framework=k, ms_per_step=round(med[k], 2),
                        ratio_npformer_over=round(med["npformer"] / med[k], 3),
