@@ -80,25 +80,31 @@ def _loaded_libraries() -> list:
     return sorted(p for p in paths if p.startswith("/"))
 
 
+_find_lock = threading.Lock()
+
+
 def _find_blas():
     global _blas
     if _blas is None:
-        import numpy  # noqa: F401  (loads NumPy's BLAS, so that it is mapped)
-        _blas = False
-        for path in _loaded_libraries():
-            if "blas" not in os.path.basename(path).lower():
-                continue
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            set_fn = next((getattr(lib, n) for n in _SET_NAMES if hasattr(lib, n)), None)
-            get_fn = next((getattr(lib, n) for n in _GET_NAMES if hasattr(lib, n)), None)
-            if set_fn is not None and get_fn is not None:
-                set_fn.argtypes, set_fn.restype = [ctypes.c_int], None
-                get_fn.argtypes, get_fn.restype = [], ctypes.c_int
-                _blas = (set_fn, get_fn)
-                break
+        with _find_lock:               # one scan; other threads wait for its result
+            if _blas is None:
+                import numpy  # noqa: F401  (loads NumPy's BLAS, so that it is mapped)
+                found = False
+                for path in _loaded_libraries():
+                    if "blas" not in os.path.basename(path).lower():
+                        continue
+                    try:
+                        lib = ctypes.CDLL(path)
+                    except OSError:
+                        continue
+                    set_fn = next((getattr(lib, n) for n in _SET_NAMES if hasattr(lib, n)), None)
+                    get_fn = next((getattr(lib, n) for n in _GET_NAMES if hasattr(lib, n)), None)
+                    if set_fn is not None and get_fn is not None:
+                        set_fn.argtypes, set_fn.restype = [ctypes.c_int], None
+                        get_fn.argtypes, get_fn.restype = [], ctypes.c_int
+                        found = (set_fn, get_fn)
+                        break
+                _blas = found
     return _blas
 
 
@@ -155,7 +161,7 @@ def run_in_threads(tasks) -> list:
 
     The first task runs on the calling thread, the others on a shared pool of worker threads.
     All tasks finish before this returns; if any raised, the first exception (in task order)
-    is raised then. Pure-Python work does not overlap (the GIL); NumPy loops do. Called from
+    is raised then (a KeyboardInterrupt first of all, once the pool's tasks are done). Pure-Python work does not overlap (the GIL); NumPy loops do. Called from
     inside one of the pool's own tasks, it runs the tasks one after another on that thread
     (waiting for the pool there could deadlock).
     """
@@ -165,9 +171,9 @@ def run_in_threads(tasks) -> list:
         return [t() for t in tasks]      # nothing to share, or called from a pool task: run here
     with _pool_lock:
         if _pool is None or _pool_size < len(tasks) - 1:
+            # a larger pool replaces the old one, which is not shut down: another caller may still
+            # be submitting to it (its idle threads exit once it is garbage collected)
             from concurrent.futures import ThreadPoolExecutor
-            if _pool is not None:
-                _pool.shutdown(wait=True)
             _pool_size = len(tasks) - 1
             _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="npformer", initializer=_mark_worker)
         pool = _pool
@@ -180,6 +186,16 @@ def run_in_threads(tasks) -> list:
             results.append(None)
             errors.append(exc)
     if errors:
+        interrupt = next((e for e in errors if isinstance(e, KeyboardInterrupt)), None)
+        if interrupt is not None:      # Ctrl-C while waiting: the tasks may still be running
+            from concurrent.futures import wait
+            while True:
+                try:
+                    wait(futures)
+                    break
+                except KeyboardInterrupt:
+                    pass
+            raise interrupt
         raise errors[0]
     return results
 

@@ -106,6 +106,13 @@ def test_resume_is_bit_exact_for_each_worker_count(tmp_path, workers):
     assert resumed["val_loss"] == full["val_loss"]
 
 
+def test_resume_with_another_worker_count_says_so(tmp_path):
+    pretrain(tiny(tmp_path, "b", workers=2, max_iters=6, lr_decay_iters=12), log=quiet)
+    lines = []
+    pretrain(tiny(tmp_path, "b", workers=1, resume=True), log=lines.append)
+    assert any("used 2 workers and this one uses 1" in line and "--workers 2" in line for line in lines)
+
+
 def test_worker_counts_agree_without_dropout(tmp_path):
     one = pretrain(tiny(tmp_path, "one", workers=1), log=quiet)
     three = pretrain(tiny(tmp_path, "three", workers=3), log=quiet)

@@ -144,3 +144,73 @@ def test_closing_one_pool_while_another_lives_is_prompt_and_reaps_its_workers():
         os.waitpid(first.pids[0], os.WNOHANG)            # reaped
     assert np.isfinite(second.forward_backward(x, y))
     del second                                           # garbage collection also stops the workers
+
+
+def test_workers_follow_grad_mode_requires_grad_and_refuse_other_leaves():
+    x, y = batch(B=4)
+    with nf.no_grad():                                    # made under no_grad, used outside it
+        model = make()
+        w = shard_workers.ShardWorkers(model, 2)
+    ref = make()
+    frozen = model.parameters()[0]
+    frozen.requires_grad = False
+    ref.parameters()[0].requires_grad = False
+    assert w.forward_backward(x, y) == forward_backward(ref, x, y, threads=2)
+    assert frozen.grad is None                            # the worker did not send one either
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            np.testing.assert_array_equal(host(p.grad), host(q.grad), err_msg=name)
+    w.close()
+
+    class Scaled(GPT):                                    # a leaf that is not a parameter
+        def forward(self, idx, targets=None):
+            logits, loss = super().forward(idx, targets)
+            return logits, loss * self.extra
+    odd = Scaled(GPTConfig(**CFG), generator=np.random.default_rng(0), dtype=np.float64)
+    object.__setattr__(odd, "extra", nf.tensor(np.array(2.0), requires_grad=True))
+    with shard_workers.ShardWorkers(odd, 2) as w:
+        with pytest.raises(RuntimeError, match="not a parameter of the model"):
+            w.forward_backward(x, y)
+
+
+def test_a_forked_copy_of_the_parent_leaves_the_workers_alone_and_workers_die_with_the_parent():
+    x, y = batch(B=4)
+    w = shard_workers.ShardWorkers(make(), 2)
+    pid = os.fork()
+    if pid == 0:                                          # a copy of the parent that exits normally
+        try:
+            w._finalizer()                                # what its exit would run
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert np.isfinite(w.forward_backward(x, y))          # the workers are still there
+    w.close()
+
+    import subprocess
+    import sys
+    import time
+    code = ("import numpy as np, sys, time; from tests.test_workers import make;"
+            "from npformer.training.workers import ShardWorkers;"
+            "w = ShardWorkers(make(), 2); print(w.pids[0], flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    for _ in range(200):                                  # the kernel kills the orphaned worker
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail(f"worker {worker} outlived its parent")
+
+
+def test_empty_batches_are_refused():
+    x, y = batch(B=4)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        forward_backward(make(), x[:0], y[:0], threads=2)
+    with shard_workers.ShardWorkers(make(), 2) as w:
+        with pytest.raises(ValueError, match="the batch is empty"):
+            w.forward_backward(x[:0], y[:0])

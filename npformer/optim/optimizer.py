@@ -137,7 +137,7 @@ class Optimizer:
         concurrently (npformer.cpu.run_in_threads; NumPy releases the GIL in its loops). Each
         parameter's update is the same whatever the split.
         """
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise ValueError(f"threads must be a positive integer; got {threads!r}")
         loss = None
         if closure is not None:
@@ -158,7 +158,7 @@ class Optimizer:
         def update(items):
             for p, state, opts in items:
                 self._update(p.data, p.grad, state, opts)
-        cpu.run_in_threads([lambda part=part: update(part) for part in _balanced(work, threads)])
+        cpu.run_in_threads([lambda part=part: update(part) for part in _balanced(work, int(threads))])
         for p, state, _ in work:
             if state:  # SGD without momentum keeps none
                 self.state[p] = state

@@ -141,6 +141,8 @@ def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=N
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
                          f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
+    if x.shape[0] == 0:
+        raise ValueError(f"forward_backward: the batch is empty (x has shape {tuple(x.shape)})")
     device = backend.device_of(x)
     shards, threads, pieces = plan_shards(x, y, check_threads(threads, device), shards, ignore_index, device)
     if shards == 1:

@@ -4,7 +4,8 @@ The run is fully determined by its ``PretrainConfig``: the weights come from a
 generator seeded with ``seed``, batches from a sampler seeded with ``seed + 1``,
 dropout from a generator seeded with ``seed + 2``. A checkpoint stores all three
 states, so a run stopped at step k and resumed reaches exactly the weights and
-losses of the uninterrupted run (on the CPU).
+losses of the uninterrupted run (on the CPU, with the same number of workers: the
+workers split each batch, which fixes the float rounding and the dropout streams).
 
 A resumed run keeps the learning-rate schedule of the run that wrote the
 checkpoint: ``lr_decay_iters=None`` means the checkpoint's ``lr_decay_iters``
@@ -207,6 +208,11 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         backend.set_generator_state(dropout_rng, run.get("dropout_rng"))
         _truncate_metrics(metrics_path, step)
         log(f"resuming from {ckpt.path} at step {step}")
+        saved_workers = ckpt.meta.get("pretrain_config", {}).get("workers")
+        if isinstance(saved_workers, int) and saved_workers != cfg.workers:
+            log(f"note: the run so far used {saved_workers} workers and this one uses {cfg.workers}: the batch is "
+                f"split differently, so the float rounding (and, with dropout, the masks) differ from a run "
+                f"that kept {saved_workers} (pass --workers {saved_workers} to continue it exactly)")
         if step >= cfg.max_iters:
             log(f"the run in {cfg.out} is already at step {step} (--max-iters {cfg.max_iters}); nothing to do")
     os.makedirs(cfg.out, exist_ok=True)

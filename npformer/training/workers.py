@@ -77,12 +77,35 @@ def _recv_frame(fd: int) -> bytes:
     return _recv_exact(fd, n)
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (Linux), even if some other process
+    still holds the worker's pipes open; elsewhere the worker leaves at EOF on its pipe."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                              # the parent died before that
+        os._exit(0)
+
+
 _parent_fds = set()   # the parent's ends of every open worker pipe, of every ShardWorkers
 
 
-def _shutdown(pids, to_fds, from_fds) -> None:
-    """Ask the workers to quit, close the pipes, and reap them (killing any that hang for 5 s)."""
+def _shutdown(owner: int, pids, to_fds, from_fds) -> None:
+    """Ask the workers to quit, close the pipes, and reap them (killing any that hang for 5 s).
+
+    In a copy of the parent made by a later fork (owner != this pid) it only closes that
+    copy's pipe ends: the workers belong to the parent.
+    """
     pids, to_fds, from_fds = list(pids), list(to_fds), list(from_fds)
+    if os.getpid() != owner:
+        for fd in to_fds + from_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return
     for fd in to_fds:
         try:
             _send(fd, b"")                 # an empty header: quit
@@ -148,22 +171,32 @@ class ShardWorkers:
         self._pids, self._to, self._from = [], [], []
         self._clean = True
         # registered first, on the lists that the loop fills: a failed fork stops the others
-        self._finalizer = weakref.finalize(self, _shutdown, self._pids, self._to, self._from)
+        self._finalizer = weakref.finalize(self, _shutdown, os.getpid(), self._pids, self._to, self._from)
+        parent = os.getpid()
+        freeze = gc.get_freeze_count() == 0    # leave a freeze made by the caller alone
         for k in range(1, workers):
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
-            gc.freeze()          # objects that exist now stay out of the worker's collections:
-            pid = os.fork()      # fewer of the parent's pages get copied into the worker
+            if freeze:
+                gc.freeze()      # objects that exist now stay out of the worker's collections:
+            try:                 # fewer of the parent's pages get copied into the worker
+                pid = os.fork()
+            except OSError:
+                for fd in (cmd_r, cmd_w, rep_r, rep_w):
+                    os.close(fd)
+                raise
+            finally:
+                if freeze and os.getpid() == parent:
+                    gc.unfreeze()
             if pid == 0:                                       # the worker
                 try:
                     os.close(cmd_w)
                     os.close(rep_r)
                     for fd in list(_parent_fds):              # other workers' pipes (of any pool):
                         os.close(fd)                          # holding them would keep those open
-                    self._serve(k, cmd_r, rep_w)
+                    self._serve(k, cmd_r, rep_w, parent)
                 finally:
                     os._exit(0)
-            gc.unfreeze()
             os.close(cmd_r)
             os.close(rep_w)
             self._pids.append(pid)
@@ -172,8 +205,9 @@ class ShardWorkers:
             _parent_fds.update((cmd_w, rep_r))
 
     # ------------------------------------------------------------------ the worker's side
-    def _serve(self, k: int, cmd: int, reply: int) -> None:
+    def _serve(self, k: int, cmd: int, reply: int, parent: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _die_with(parent)
         cpu.forked_child()
         modules = list(self.model.modules())
         with cpu.blas_threads(1):
@@ -190,6 +224,8 @@ class ShardWorkers:
                 try:
                     for m, flag in zip(modules, header["training"]):
                         object.__setattr__(m, "training", flag)
+                    for p, flag in zip(self.params, header["requires_grad"]):
+                        p.requires_grad = flag
                     pieces = [(arrays[2 * i], arrays[2 * i + 1], w, seed)
                               for i, (w, seed) in enumerate(header["shards"])]
                     # shard by shard, summing straight into the shared block (the same float
@@ -197,10 +233,15 @@ class ShardWorkers:
                     index = {pid: i for i, pid in enumerate(self._ids)}
                     block, done, loss = self._grad_views[k - 1], [], 0.0
                     for piece in pieces:
-                        pairs, part = parallel.run_shards(self.model, [piece], "cpu")
+                        with autograd.set_grad_enabled(header["grad_enabled"]):   # the parent's mode
+                            pairs, part = parallel.run_shards(self.model, [piece], "cpu")
                         loss += part
                         for t, g in pairs:
-                            i = index[id(t)]
+                            i = index.get(id(t))
+                            if i is None:
+                                raise ValueError("the loss depends on a tensor that requires grad but is not a "
+                                                 "parameter of the model; ShardWorkers only returns the "
+                                                 "parameters' gradients (use parallel.forward_backward)")
                             if i in done:
                                 block[i] += g
                             else:
@@ -238,6 +279,8 @@ class ShardWorkers:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
                              f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
+        if x.shape[0] == 0:
+            raise ValueError(f"forward_backward: the batch is empty (x has shape {tuple(x.shape)})")
         if backend.device_of(x) != "cpu":
             raise ValueError("ShardWorkers: the batch must be on the cpu")
         x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
@@ -256,16 +299,20 @@ class ShardWorkers:
 
     def _exchange(self, pieces, n: int, training: list) -> float:
         self._clean = False
-        error, busy = None, []
+        requires_grad = [p.requires_grad for p in self.params]
+        error, busy, dead = None, [], False
         for k in range(1, n):
             mine = pieces[k::n]
-            header = {"training": training, "shards": [[w, seed] for _, _, w, seed in mine],
+            header = {"training": training, "requires_grad": requires_grad,
+                      "grad_enabled": autograd.is_grad_enabled(),
+                      "shards": [[w, seed] for _, _, w, seed in mine],
                       "arrays": [[list(a.shape), a.dtype.str] for xi, yi, _, _ in mine for a in (xi, yi)]}
             frames = [np.ascontiguousarray(a).tobytes() for xi, yi, _, _ in mine for a in (xi, yi)]
             try:
                 _send(self._to[k - 1], json.dumps(header).encode(), *frames)
             except BrokenPipeError:
                 error = error or RuntimeError(f"ShardWorkers: worker process {self._pids[k - 1]} exited")
+                dead = True
                 break
             busy.append(k)
         loss, pairs = 0.0, []
@@ -281,12 +328,13 @@ class ShardWorkers:
                     answer = json.loads(_recv_frame(self._from[k - 1]))
                 except EOFError:
                     answer = {"ok": False, "error": f"worker process {self._pids[k - 1]} exited"}
+                    dead = True
                 if not answer["ok"]:
                     error = error or RuntimeError(f"ShardWorkers: worker {k}: {answer['error']}")
                     continue
                 loss += answer["loss"]
                 pairs += [(self.params[i], self._grad_views[k - 1][i]) for i in answer["grads"]]
-            self._clean = not any("exited" in str(e) for e in [error] if e is not None)
+            self._clean = not dead
             if error is not None:
                 raise error
             autograd.accumulate(pairs, n)     # copies out of the shared blocks, in worker order
