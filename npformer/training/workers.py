@@ -231,7 +231,7 @@ class ShardWorkers:
                     # shard by shard, summing straight into the shared block (the same float
                     # sums as parallel.run_shards, without a second copy of the gradients)
                     index = {pid: i for i, pid in enumerate(self._ids)}
-                    block, done, loss = self._grad_views[k - 1], [], 0.0
+                    block, done, seen, loss = self._grad_views[k - 1], [], set(), 0.0
                     for piece in pieces:
                         with autograd.set_grad_enabled(header["grad_enabled"]):   # the parent's mode
                             pairs, part = parallel.run_shards(self.model, [piece], "cpu")
@@ -242,10 +242,11 @@ class ShardWorkers:
                                 raise ValueError("the loss depends on a tensor that requires grad but is not a "
                                                  "parameter of the model; ShardWorkers only returns the "
                                                  "parameters' gradients (use parallel.forward_backward)")
-                            if i in done:
+                            if i in seen:
                                 block[i] += g
                             else:
                                 block[i][...] = g
+                                seen.add(i)
                                 done.append(i)
                         del pairs
                     answer = {"ok": True, "loss": loss, "grads": done}
