@@ -7,6 +7,10 @@ about 512 tokens, run one after another with a one-thread BLAS. This script runs
 share on one thread (no second thread, so the profile is not blurred by GIL waits), profiles
 it, and prints the time per step of each op's forward and backward. The optimizer step, the
 gradient clipping and the accumulation across threads are not included.
+
+    python benchmarks/profile_step.py --config large --torch
+
+profiles the PyTorch twin's whole step instead (torch.profiler, 2 threads), for comparison.
 """
 
 import argparse
@@ -43,7 +47,10 @@ def main():
     ap.add_argument("--config", choices=sorted(CONFIGS), default="large")
     ap.add_argument("--threads", type=int, default=2, help="the thread count whose per-thread share is profiled")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--torch", action="store_true", help="profile the PyTorch twin's step instead")
     args = ap.parse_args()
+    if args.torch:
+        return profile_torch(args)
     c = dict(CONFIGS[args.config])
     batch = c.pop("batch_size")
     cfg = GPTConfig(**c)
@@ -79,6 +86,22 @@ def main():
           f"in {shards} shard(s); {1000 * total / args.steps:.0f} ms per step (under cProfile)")
     for label, t in sorted(rows_ms.items(), key=lambda kv: -kv[1]):
         print(f"  {label:<52} {1000 * t / args.steps:8.1f} ms  {100 * t / total:5.1f}%")
+
+
+def profile_torch(args):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from train_step import build
+    step = build(args.config, args.threads, only="torch")["torch"]
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    print(f"{args.config}: PyTorch twin, {torch.get_num_threads()} threads; self time per step of its top ops")
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    for e in rows:
+        print(f"  {e.key[:52]:<52} {e.self_cpu_time_total / 1000 / args.steps:8.1f} ms")
 
 
 if __name__ == "__main__":
