@@ -87,7 +87,10 @@ def plan_shards(x, y, threads: int, shards, ignore_index: int, device: str):
     threads = min(threads, shards)
     if shards == 1:
         return 1, 1, [(x, y, 1.0, None)]
-    xs, ys = np.array_split(x, shards), np.array_split(y, shards)
+    q, r = divmod(x.shape[0], shards)                 # the first r shards get one row more
+    edges = [i * q + min(i, r) for i in range(shards + 1)]
+    xs = [x[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    ys = [y[a:b] for a, b in zip(edges[:-1], edges[1:])]
     counts = [int((s != ignore_index).sum()) for s in ys]
     total = sum(counts)
     weights = [c / total if total else len(s) / len(y) for c, s in zip(counts, ys)]
