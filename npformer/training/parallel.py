@@ -72,6 +72,17 @@ def blas_context(threads: int):
     return cpu.blas_threads(1) if threads > 1 else contextlib.nullcontext()
 
 
+def check_batch(x, y) -> None:
+    """Raise ValueError unless x and y are arrays with the same, non-zero batch size."""
+    if getattr(x, "shape", None) is None or getattr(y, "shape", None) is None or len(x.shape) == 0:
+        raise ValueError("forward_backward: x and y must be arrays with a batch axis")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
+                         f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
+    if x.shape[0] == 0:
+        raise ValueError(f"forward_backward: the batch is empty (x has shape {tuple(x.shape)})")
+
+
 def plan_shards(x, y, threads: int, shards, ignore_index: int, device: str):
     """Cut a batch for forward_backward: (shards, threads, [(x_i, y_i, weight_i, seed_i)]).
 
@@ -139,13 +150,7 @@ def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=N
     Gradients are added to each parameter's ``.grad`` (as ``loss.backward()`` does).
     Returns the full-batch loss as a Python float.
     """
-    if getattr(x, "shape", None) is None or getattr(y, "shape", None) is None or len(x.shape) == 0:
-        raise ValueError("forward_backward: x and y must be arrays with a batch axis")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
-                         f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
-    if x.shape[0] == 0:
-        raise ValueError(f"forward_backward: the batch is empty (x has shape {tuple(x.shape)})")
+    check_batch(x, y)
     device = backend.device_of(x)
     shards, threads, pieces = plan_shards(x, y, check_threads(threads, device), shards, ignore_index, device)
     if shards == 1:

@@ -275,13 +275,7 @@ class ShardWorkers:
         if self.workers == 1:
             return parallel.forward_backward(self.model, x, y, 1, ignore_index, shards)
         self._check_params()
-        if getattr(x, "shape", None) is None or getattr(y, "shape", None) is None or len(x.shape) == 0:
-            raise ValueError("forward_backward: x and y must be arrays with a batch axis")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"forward_backward: x has batch size {x.shape[0]} but y has {y.shape[0]} "
-                             f"(shapes {tuple(x.shape)} and {tuple(y.shape)})")
-        if x.shape[0] == 0:
-            raise ValueError(f"forward_backward: the batch is empty (x has shape {tuple(x.shape)})")
+        parallel.check_batch(x, y)
         if backend.device_of(x) != "cpu":
             raise ValueError("ShardWorkers: the batch must be on the cpu")
         x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
