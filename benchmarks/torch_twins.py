@@ -80,9 +80,9 @@ def torch_twin(npformer_gpt, dtype=torch.float32):
 def npformer_step(model, x, y, opt, threads=None, shards=None):
     """One npformer training step (forward, loss, backward, clip 1.0, optimizer step), as a closure.
 
-    threads: CPU workers of the data-parallel forward/backward: worker processes where the OS
-    can fork (npformer.training.workers), else threads (npformer.training.parallel); None for
-    all usable cores on the CPU, 1 on the GPU. shards: how many pieces the batch is cut into
+    threads: CPU workers of the data-parallel forward/backward: worker processes on Linux
+    (npformer.training.workers), else threads (npformer.training.parallel); None for all usable
+    cores on the CPU, 1 on the GPU. shards: how many pieces the batch is cut into
     (None: npformer's default). The closure's ``worker_pids`` lists the forked workers (their
     memory counts too).
     """

@@ -52,7 +52,7 @@ def _pretrain_parser(sub, defaults=None):
     g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches and dropout")
     g.add_argument("--device", choices=backend.DEVICES, default=None, help="default: $NPFORMER_DEVICE or cpu")
     g.add_argument("--workers", type=int, default=None,
-                   help="CPU workers (processes where the OS can fork, else threads), each running the model "
+                   help="CPU workers (processes on Linux, else threads), each running the model "
                         "on its share of the batch (default: all usable cores)")
     g.add_argument("--data", default=None, help="a UTF-8 text file (default: the built-in toy language)")
     g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer, help="character-level or byte-level BPE")

@@ -19,7 +19,7 @@ from npformer.training.parallel import forward_backward
 from tests.helpers import DEVICE, host
 
 pytestmark = [pytest.mark.skipif(DEVICE != "cpu", reason="worker processes run on the CPU only"),
-              pytest.mark.skipif(not shard_workers.available(), reason="this OS has no fork()")]
+              pytest.mark.skipif(not shard_workers.available(), reason="worker processes are used on Linux only")]
 
 CFG = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 

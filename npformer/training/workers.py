@@ -10,7 +10,7 @@ interpreter of its own, so its shards overlap fully with the parent's.
     ...
     workers.close()                           # or use it as a context manager
 
-How it works (Linux and other systems with ``fork``; CPU only):
+How it works (Linux, where ``fork`` is safe with NumPy and OpenBLAS; CPU only):
 
 - The parameters are moved into one block of shared memory (an anonymous ``MAP_SHARED`` mmap)
   before the workers are forked: ``p.data`` becomes a view of that block. The parent's
@@ -38,6 +38,7 @@ import mmap
 import os
 import signal
 import struct
+import sys
 import time
 import weakref
 
@@ -50,8 +51,9 @@ _LEN = struct.Struct("<Q")
 
 
 def available() -> bool:
-    """Whether worker processes can be used here (the OS has fork)."""
-    return hasattr(os, "fork") and hasattr(os, "pipe")
+    """Whether worker processes are used here: on Linux (elsewhere fork is missing, or, on macOS,
+    unsafe once system frameworks such as Accelerate have started threads)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
 def _send(fd: int, *frames: bytes) -> None:
@@ -140,7 +142,7 @@ class ShardWorkers:
     def __init__(self, model, workers: int):
         workers = parallel.check_threads(workers, "cpu")
         if workers > 1 and not available():
-            raise RuntimeError("ShardWorkers: this system has no fork(); use parallel.forward_backward with threads")
+            raise RuntimeError("ShardWorkers: worker processes need Linux; use parallel.forward_backward with threads")
         params = model.parameters()
         if not params:
             raise ValueError("ShardWorkers: the model has no parameters")
