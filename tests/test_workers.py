@@ -197,10 +197,14 @@ def test_a_forked_copy_of_the_parent_leaves_the_workers_alone_and_workers_die_wi
     worker = int(proc.stdout.readline())
     proc.kill()
     proc.wait()
-    for _ in range(200):                                  # the kernel kills the orphaned worker
+    def alive(pid):              # a zombie (killed, not yet reaped by whoever adopted it) is dead
         try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    for _ in range(200):                                  # the kernel kills the orphaned worker
+        if not alive(worker):
             break
         time.sleep(0.01)
     else:
