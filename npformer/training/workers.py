@@ -39,6 +39,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 import weakref
 
@@ -92,6 +93,7 @@ def _die_with(parent: int) -> None:
 
 
 _parent_fds = set()   # the parent's ends of every open worker pipe, of every ShardWorkers
+_fork_lock = threading.Lock()
 
 
 def _shutdown(owner: int, pids, to_fds, from_fds) -> None:
@@ -174,6 +176,10 @@ class ShardWorkers:
         self._clean = True
         # registered first, on the lists that the loop fills: a failed fork stops the others
         self._finalizer = weakref.finalize(self, _shutdown, os.getpid(), self._pids, self._to, self._from)
+        with _fork_lock:         # one pool forks at a time: each worker closes every other pipe
+            self._fork_workers(workers)
+
+    def _fork_workers(self, workers: int) -> None:
         parent = os.getpid()
         freeze = gc.get_freeze_count() == 0    # leave a freeze made by the caller alone
         for k in range(1, workers):
