@@ -104,5 +104,4 @@ def npformer_step(model, x, y, opt, threads=None, shards=None):
             opt.step(threads=threads)
         opt.zero_grad()
     step.worker_pids = pool.pids if pool is not None else []
-    step.pool = pool
     return step

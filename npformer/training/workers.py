@@ -218,6 +218,7 @@ class ShardWorkers:
         _die_with(parent)
         cpu.forked_child()
         modules = list(self.model.modules())
+        index = {pid: i for i, pid in enumerate(self._ids)}       # parameter id -> its place
         with cpu.blas_threads(1):
             while True:
                 try:
@@ -238,7 +239,6 @@ class ShardWorkers:
                               for i, (w, seed) in enumerate(header["shards"])]
                     # shard by shard, summing straight into the shared block (the same float
                     # sums as parallel.run_shards, without a second copy of the gradients)
-                    index = {pid: i for i, pid in enumerate(self._ids)}
                     block, done, seen, loss = self._grad_views[k - 1], [], set(), 0.0
                     for piece in pieces:
                         with autograd.set_grad_enabled(header["grad_enabled"]):   # the parent's mode
