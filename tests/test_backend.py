@@ -8,6 +8,8 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import npformer as nf
 from npformer import backend
@@ -178,6 +180,25 @@ def test_scatter_add_repeated_indices(xp):
     rows = xp.ones((3, 2))                              # rows of a 2-D target, row 1 hit twice
     backend.scatter_add(rows, xp.asarray([1, 1, 0]), xp.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
     assert host(rows).tolist() == [[6.0, 7.0], [5.0, 7.0], [1.0, 1.0]]
+
+
+@given(rows=st.integers(1, 7), tail=st.sampled_from([(), (1,), (3,), (2, 3)]), n=st.integers(0, 12),
+       dtype=st.sampled_from([np.float32, np.float64]), negative=st.booleans(), seed=st.integers(0, 2**16))
+def test_scatter_add_on_the_cpu_equals_add_at_bit_for_bit(rows, tail, n, dtype, negative, seed):
+    # rows picked by a 1-D index take a flattened fast path; it must add in np.add.at's order
+    rng = np.random.default_rng(seed)
+    index = rng.integers(-rows if negative else 0, rows, n)
+    values = rng.standard_normal((n,) + tail).astype(dtype)
+    start = rng.standard_normal((rows,) + tail).astype(dtype)
+    mine, reference = start.copy(), start.copy()
+    backend.scatter_add(mine, index, values)
+    np.add.at(reference, index, values)
+    np.testing.assert_array_equal(mine, reference)
+
+
+def test_scatter_add_out_of_range_rows_raise():
+    with pytest.raises(IndexError):
+        backend.scatter_add(np.zeros((3, 2)), np.array([0, 3]), np.ones((2, 2)))
 
 
 def test_seeded_generators_reproduce():
