@@ -14,7 +14,7 @@ import npformer as nf
 from tests.helpers import DEVICE, T, host
 from tests.strategies import arrays, assert_close, check_float32
 
-COVERED_OPS = {"attention"}
+COVERED_OPS = {"attention", "self_attention"}
 
 
 def reference(q, k, v, mask=None, scale=1.0):
@@ -139,3 +139,62 @@ def test_causal_with_a_mask_is_refused():
     x = T(np.ones((3, 2)))
     with pytest.raises(ValueError, match="attention: causal=True cannot be combined with a mask"):
         nf.attention(x, x, x, T(np.tri(3, 3, dtype=bool)).data, causal=True)
+
+
+# ----------------------------------------------------------------------------- self_attention
+
+def _split_heads_reference(x, n_head, **kw):
+    """self_attention spelled with split, reshape, transpose, attention and the merge."""
+    *batch, T_, E3 = x.shape
+    E = E3 // 3
+    q, k, v = (nf.transpose(nf.reshape(part, tuple(batch) + (T_, n_head, E // n_head)), -3, -2)
+               for part in nf.split(x, E, axis=-1))
+    y = nf.attention(q, k, v, scale=kw.pop("scale", (E // n_head) ** -0.5), **kw)
+    return nf.reshape(nf.transpose(y, -3, -2), tuple(batch) + (T_, E))
+
+
+@given(T_=st.integers(1, 7), n_head=st.integers(1, 3), D=st.integers(1, 3), block=st.integers(1, 4),
+       batch=st.sampled_from([(), (2,), (2, 1)]), causal=st.booleans(),
+       dtype=st.sampled_from([np.float64, np.float32]), data=st.data())
+def test_self_attention_equals_the_split_heads_computation_and_gradchecks(T_, n_head, D, block, batch, causal,
+                                                                          dtype, data):
+    """Same output and gradient as split / reshape / transpose / attention / merge; blocks of 1-4 rows."""
+    x = data.draw(arrays(batch + (T_, 3 * n_head * D)), label="qkv").astype(dtype)
+    g = data.draw(arrays(batch + (T_, n_head * D)), label="g").astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+    with causal_block(block):
+        results = []
+        for fn in (lambda t: _split_heads_reference(t, n_head, causal=causal),
+                   lambda t: nf.self_attention(t, n_head, causal=causal)):
+            t = T(x, requires_grad=True)
+            out = fn(t)
+            assert out.dtype == dtype and out.shape == batch + (T_, n_head * D)
+            out.backward(T(g).data)
+            results.append((host(out), host(t.grad)))
+        for a, b in zip(*results):
+            np.testing.assert_allclose(b, a, **tol)
+        if dtype == np.float64:
+            assert nf.gradcheck(lambda t: nf.self_attention(t, n_head, scale=0.8, causal=causal), [T(x, True)])
+
+
+def test_self_attention_dropout_matches_the_split_heads_computation():
+    x = np.random.default_rng(3).standard_normal((2, 5, 12))
+    outs = []
+    for fn in (lambda t, gen: _split_heads_reference(t, 2, dropout_p=0.3, generator=gen),
+               lambda t, gen: nf.self_attention(t, 2, dropout_p=0.3, generator=gen)):
+        t = T(x, requires_grad=True)
+        out = fn(t, nf.random.Generator(11, DEVICE))
+        out.sum().backward()
+        outs.append((host(out), host(t.grad)))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    assert nf.gradcheck(lambda t: nf.self_attention(t, 2, dropout_p=0.3, generator=nf.random.Generator(5, DEVICE)),
+                        [T(x, True)])
+
+
+@pytest.mark.parametrize("shape, n_head, words", [((4, 10), 2, "(4, 10)"), ((4, 12), 0, "n_head"),
+                                                  ((12,), 2, "(12,)"), ((4, 12), 2.0, "n_head")])
+def test_self_attention_bad_input_names_the_op(shape, n_head, words):
+    with pytest.raises(ValueError) as info:
+        nf.self_attention(T(np.ones(shape)), n_head)
+    assert "self_attention" in str(info.value) and words in str(info.value)

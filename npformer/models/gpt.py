@@ -86,21 +86,23 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)                                               # (B, T, 3C)
-        q, k, v = ops.split(qkv, C, axis=2)                                # 3 x (B, T, C)
-        q = q.reshape(B, T, nh, hs).transpose(1, 2)                        # (B, nh, T, hs)
-        k = k.reshape(B, T, nh, hs).transpose(1, 2)                        # (B, nh, T, hs)
-        v = v.reshape(B, T, nh, hs).transpose(1, 2)                        # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            # one fused op for: split qkv into q, k, v, each reshaped to (B, nh, T, hs), then
+            # F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True), heads merged
+            y = ops.self_attention(qkv, nh, causal=True, dropout_p=p)     # (B, T, C)
         else:
+            q, k, v = ops.split(qkv, C, axis=2)                            # 3 x (B, T, C)
+            q = q.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
+            k = k.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
+            v = v.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
             k_all, v_all = cache.append(layer, k.data, v.data)
             past = k_all.shape[2] - T             # (B, nh, past + T, hs)
             xp = x.xp
             # query at absolute position past + i may see keys 0 .. past + i
             mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
             y = F.scaled_dot_product_attention(q, Tensor(k_all), Tensor(v_all), attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)                             # (B, T, C)
+            y = y.transpose(1, 2).reshape(B, T, C)                         # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

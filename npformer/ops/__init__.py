@@ -5,7 +5,7 @@ fails if one of them has no gradient check.
 """
 
 from ._core import OPS, unbroadcast
-from .attention import attention
+from .attention import attention, self_attention
 from .activations import gelu, relu, sigmoid, tanh
 from .elementwise import abs, add, astype, div, exp, log, maximum, minimum, mul, neg, pow, sqrt, sub
 from .fused import cross_entropy, dropout, embedding, layer_norm, log_softmax, softmax
