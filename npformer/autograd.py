@@ -38,16 +38,19 @@ def set_grad_enabled(enabled: bool):
 
 
 @contextlib.contextmanager
-def collect_leaf_grads():
+def collect_leaf_grads(sink=None):
     """Within the block, backward() on this thread hands leaf gradients to a list instead of ``.grad``.
 
-    Yields the list; each backward appends ``(leaf, gradient)`` pairs, one per leaf it reached.
-    ``accumulate(pairs)`` adds them to ``.grad`` later. The data-parallel training step
-    (npformer.training.parallel) runs one backward per thread this way and then accumulates
-    the threads' gradients in a fixed order, so the result does not depend on timing.
+    Yields the list; each backward appends ``(leaf, gradient)`` pairs, one per leaf it reached,
+    as soon as that leaf's gradient is complete (right after the backward of its last consumer,
+    while the array is still in cache). ``accumulate(pairs)`` adds them to ``.grad`` later. The
+    data-parallel training step (npformer.training.parallel) runs one backward per thread this
+    way and then accumulates the threads' gradients in a fixed order, so the result does not
+    depend on timing. sink: any object with ``append((leaf, gradient))`` to use instead of a
+    new list (to sum or copy each gradient as it arrives).
     """
     prev = getattr(_state, "leaf_sink", None)
-    _state.leaf_sink = sink = []
+    _state.leaf_sink = sink = [] if sink is None else sink
     try:
         yield sink
     finally:
@@ -100,7 +103,10 @@ def _topological_order(root):
         visited.add(id(t))
         stack.append((t, True))
         if t._parents is not None:
-            for p in t._parents:
+            # parents pushed last-first, so the first parent's subtree is finished first and a
+            # leaf parent (a weight) lands right before its consumer in `order`: backward then
+            # completes the weight's gradient right after the consumer's backward
+            for p in reversed(t._parents):
                 if p.requires_grad and id(p) not in visited:
                     stack.append((p, False))
     return order

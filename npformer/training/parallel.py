@@ -109,31 +109,45 @@ def plan_shards(x, y, threads: int, shards, ignore_index: int, device: str):
     return shards, threads, [(xs[i], ys[i], weights[i], int(seeds[i])) for i in range(shards)]
 
 
-def run_shards(model, pieces, device: str = "cpu"):
+def run_shards(model, pieces, device: str = "cpu", sink=None):
     """Forward and backward of `pieces` [(x, y, weight, seed)] one after another, on this thread.
 
     Returns ([(leaf, summed gradient)], summed weighted loss). The leaf gradients of the pieces
-    are summed in order; nothing touches ``.grad``.
+    are summed in order, each as backward completes it; nothing touches ``.grad``.
+    sink: an object with ``append((leaf, gradient))`` that takes every piece's gradients
+    instead (the caller sums them); the list returned is then empty.
     """
-    summed, loss_part = {}, 0.0
+    summing = _Summing() if sink is None else sink
+    loss_part = 0.0
     for x, y, weight, seed in pieces:
         if weight == 0.0:                                      # nothing counted here
             continue
         with random.thread_default_generator(random.Generator(seed, device), device), \
-                autograd.collect_leaf_grads() as grads:
+                autograd.collect_leaf_grads(summing):
             _, loss = model(x, y)
             (loss * weight).backward()
         loss_part += weight * loss.item()
-        for t, g in grads:
-            if id(t) not in summed:
-                summed[id(t)] = [t, g, False]                  # g may be shared: not written
-            else:
-                entry = summed[id(t)]
-                if entry[2]:
-                    entry[1] += g
-                else:
-                    entry[1], entry[2] = entry[1] + g, True    # a new array, ours to add into
-    return [(t, g) for t, g, _ in summed.values()], loss_part
+    return (summing.pairs() if sink is None else []), loss_part
+
+
+class _Summing:
+    """A leaf-gradient sink (autograd.collect_leaf_grads) summing each leaf's gradients in arrival order."""
+
+    def __init__(self):
+        self._summed = {}                                      # id(leaf) -> [leaf, gradient, ours]
+
+    def append(self, pair) -> None:
+        t, g = pair
+        entry = self._summed.get(id(t))
+        if entry is None:
+            self._summed[id(t)] = [t, g, False]                # g may be shared: not written
+        elif entry[2]:
+            entry[1] += g
+        else:
+            entry[1], entry[2] = entry[1] + g, True            # a new array, ours to add into
+
+    def pairs(self) -> list:
+        return [(t, g) for t, g, _ in self._summed.values()]
 
 
 def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=None) -> float:

@@ -96,6 +96,31 @@ _parent_fds = set()   # the parent's ends of every open worker pipe, of every Sh
 _fork_lock = threading.Lock()
 
 
+class _IntoBlock:
+    """A leaf-gradient sink (autograd.collect_leaf_grads) summing into a worker's shared block.
+
+    block: one array per parameter; index: id(parameter) -> its place. The first gradient of a
+    parameter is copied in, later ones (other shards) are added. ``done`` lists the places written.
+    """
+
+    def __init__(self, block, index: dict):
+        self.block, self.index, self.done, self._seen = block, index, [], set()
+
+    def append(self, pair) -> None:
+        t, g = pair
+        i = self.index.get(id(t))
+        if i is None:
+            raise ValueError("the loss depends on a tensor that requires grad but is not a parameter of the "
+                             "model; ShardWorkers only returns the parameters' gradients (use "
+                             "parallel.forward_backward)")
+        if i in self._seen:
+            self.block[i] += g
+        else:
+            self.block[i][...] = g
+            self._seen.add(i)
+            self.done.append(i)
+
+
 def _shutdown(owner: int, pids, to_fds, from_fds) -> None:
     """Ask the workers to quit, close the pipes, and reap them (killing any that hang for 5 s).
 
@@ -237,26 +262,12 @@ class ShardWorkers:
                         p.requires_grad = flag
                     pieces = [(arrays[2 * i], arrays[2 * i + 1], w, seed)
                               for i, (w, seed) in enumerate(header["shards"])]
-                    # shard by shard, summing straight into the shared block (the same float
-                    # sums as parallel.run_shards, without a second copy of the gradients)
-                    block, done, seen, loss = self._grad_views[k - 1], [], set(), 0.0
-                    for piece in pieces:
-                        with autograd.set_grad_enabled(header["grad_enabled"]):   # the parent's mode
-                            pairs, part = parallel.run_shards(self.model, [piece], "cpu")
-                        loss += part
-                        for t, g in pairs:
-                            i = index.get(id(t))
-                            if i is None:
-                                raise ValueError("the loss depends on a tensor that requires grad but is not a "
-                                                 "parameter of the model; ShardWorkers only returns the "
-                                                 "parameters' gradients (use parallel.forward_backward)")
-                            if i in seen:
-                                block[i] += g
-                            else:
-                                block[i][...] = g
-                                seen.add(i)
-                                done.append(i)
-                        del pairs
+                    # each gradient summed straight into the shared block as backward completes it
+                    # (the same float sums as parallel.run_shards, without a second copy)
+                    into = _IntoBlock(self._grad_views[k - 1], index)
+                    with autograd.set_grad_enabled(header["grad_enabled"]):   # the parent's mode
+                        _, loss = parallel.run_shards(self.model, pieces, "cpu", sink=into)
+                    done = into.done
                     answer = {"ok": True, "loss": loss, "grads": done}
                 except Exception as exc:                       # reported to the parent, which raises
                     answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
