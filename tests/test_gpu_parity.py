@@ -62,6 +62,9 @@ def _cases():
         "attention": ([n(2, 3, 4), n(2, 5, 4), n(2, 5, 3)],
                       lambda d, q, k, v: (nf.attention(q, k, v), nf.attention(q, k, v, _on(d, np.tri(3, 5, dtype=bool))),
                                                          nf.attention(q, k, v, causal=True))),
+        # T = 130 takes the causal block path (CAUSAL_BLOCK = 64) on both devices
+        "self_attention": ([n(2, 130, 12)], lambda d, x: (nf.self_attention(x, 2, causal=True),
+                                                          nf.self_attention(x[:, :5, :6], 2))),
         "linear": ([n(2, 3, 4), n(5, 4), n(5)], lambda d, x, w, b: (nf.linear(x, w, b), nf.linear(x, w))),
         "matmul": ([n(2, 3, 4), n(4, 5), n(4)], lambda d, a, b, v: (a @ b, a @ v, v @ b)),
         "max": ([n(3, 4)], lambda d, a: (a.max(axis=1), a.max())),

@@ -150,6 +150,29 @@ for label, block in {"causal-full": 64, "causal-blocks": 2}.items():    # the ca
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.4),
          f32=(label == "causal-blocks"))
 
+
+
+def _th_self_attention(x, n_head, causal):
+    """torch's spelling of npformer.self_attention: split, view heads, SDPA, merge (nanoGPT's)."""
+    *batch, T, E3 = x.shape
+    E = E3 // 3
+    q, k, v = (t.reshape(*batch, T, n_head, E // n_head).transpose(-3, -2) for t in x.split(E, dim=-1))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return y.transpose(-3, -2).reshape(*batch, T, E)
+
+
+for label, (block, causal) in {"causal-full": (64, True), "causal-blocks": (2, True),
+                               "nomask": (64, False)}.items():
+    def _np_self(x, b=block, c=causal):
+        mod = importlib.import_module("npformer.ops.attention")
+        saved, mod.CAUSAL_BLOCK = mod.CAUSAL_BLOCK, b
+        try:
+            return nf.self_attention(x, 3, causal=c)
+        finally:
+            mod.CAUSAL_BLOCK = saved
+    case("self_attention", label, [randn(2, 7, 18)], _np_self,
+         lambda x, c=causal: _th_self_attention(x, 3, c), f32=(label == "causal-blocks"))
+
 # ----------------------------------------------------------------------------- reductions
 def _dim(axis, ndim):
     return tuple(range(ndim)) if axis is None else axis
