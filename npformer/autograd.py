@@ -1,12 +1,14 @@
 """The reverse-mode engine: graph recording, topological order, accumulation.
 
-A tensor produced by an op while gradients are enabled remembers its
-``_parents`` (the input tensors) and a ``_backward`` closure that maps the
-gradient of the output to one gradient per parent (or None for a parent that
-needs none). ``backward`` walks the graph once in reverse topological order,
-summing every contribution a tensor receives before passing its gradient on,
-so a tensor used twice gets both contributions. Backward closures never
-mutate anything: the engine alone accumulates.
+An op applied while gradients are enabled records a ``Node`` on its output tensor
+(``tensor._node``): a ``backward`` closure that maps the gradient of the output to one
+gradient per input (or None for an input that needs none), and, per input, the input's
+own Node, or the input itself when it is a leaf that requires grad. The graph is made of
+Nodes, not of the tensors: an intermediate tensor that the caller drops is freed with its
+data even though the graph lives on (the arrays a backward needs are held by its closure).
+``backward`` walks the graph once in reverse topological order, summing every contribution
+a node receives before passing its gradient on, so a tensor used twice gets both
+contributions. Backward closures never mutate anything: the engine alone accumulates.
 
 See docs/autograd.md for a walk-through.
 """
@@ -19,6 +21,38 @@ import threading
 from . import backend, cpu
 
 _state = threading.local()
+
+
+class Node:
+    """One recorded op application: what backward needs, without the output's data.
+
+    backward: the op's closure, gradient of the output -> one gradient per input.
+    parents: per input, its Node; the input tensor itself when it is a leaf that requires
+    grad; None when it needs no gradient. op: the op's name. dtype, shape: the output's.
+    retained: the output tensor after ``retain_grad()``, else None. freed: backward has
+    run without retain_graph, so the closure (and the arrays it saved) are gone.
+    """
+
+    __slots__ = ("backward", "parents", "op", "dtype", "shape", "retained", "freed")
+
+    def __init__(self, backward, parents: tuple, op: str, dtype, shape: tuple):
+        self.backward, self.parents, self.op = backward, parents, op
+        self.dtype, self.shape = dtype, shape
+        self.retained, self.freed = None, False
+
+
+def record(data, parents, backward, op: str):
+    """The Node for an op's output `data` computed from `parents` (tensors), or None.
+
+    None when gradients are disabled or no parent requires grad (the output is then a
+    constant). Called by npformer.ops._core.result.
+    """
+    if not is_grad_enabled():
+        return None
+    edges = tuple((p._node if p._node is not None else p) if p.requires_grad else None for p in parents)
+    if all(e is None for e in edges):
+        return None
+    return Node(backward, edges, op, data.dtype, tuple(data.shape))
 
 
 def is_grad_enabled() -> bool:
@@ -86,10 +120,10 @@ def no_grad():
 
 
 def _topological_order(root):
-    """Tensors reachable from `root` through recorded ops, every tensor after all its parents.
+    """Graph items reachable from `root` (a Node or a leaf tensor), each after all its parents.
 
     Iterative depth-first search (a chain of 100,000 ops must not hit Python's
-    recursion limit). Leaves are included; tensors that need no grad are not.
+    recursion limit). Leaves that require grad are included.
     """
     order, visited = [], set()
     stack = [(root, False)]
@@ -102,12 +136,13 @@ def _topological_order(root):
             continue
         visited.add(id(t))
         stack.append((t, True))
-        if t._parents is not None:
+        parents = t.parents if isinstance(t, Node) else None
+        if parents is not None:
             # parents pushed last-first, so the first parent's subtree is finished first and a
             # leaf parent (a weight) lands right before its consumer in `order`: backward then
             # completes the weight's gradient right after the consumer's backward
-            for p in reversed(t._parents):
-                if p.requires_grad and id(p) not in visited:
+            for p in reversed(parents):
+                if p is not None and id(p) not in visited:
                     stack.append((p, False))
     return order
 
@@ -129,7 +164,7 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
                                f"element; got shape {tuple(root.shape)}; pass grad= of that shape")
         grad = xp.ones_like(root.data)
     else:
-        grad = grad.data if hasattr(grad, "_parents") else grad
+        grad = grad.data if hasattr(grad, "_node") else grad
         if backend.get_array_module(grad) is not xp:
             raise backend.DeviceMismatchError(
                 f"backward: grad is on {backend.device_of(grad)} but the tensor is on {root.device}")
@@ -138,35 +173,34 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
                              f"{tuple(root.shape)}")
         grad = grad.astype(root.dtype, copy=False)
 
-    grads = {id(root): grad}
+    start = root._node if root._node is not None else root
+    grads = {id(start): grad}
     sink = getattr(_state, "leaf_sink", None)
-    order = _topological_order(root)
-    del root                 # popping tensors off `order` then lets each node's saved arrays go
+    order = _topological_order(start)
+    del root, start          # popping items off `order` then lets each node's saved arrays go
     while order:             # as soon as its backward has run, instead of after the whole pass
         t = order.pop()
         g = grads.pop(id(t), None)
         if g is None:
             continue
-        if t._parents is None:  # a leaf, or a non-leaf whose graph was freed
-            if t._freed:
-                raise RuntimeError("backward: trying to backward through the graph a second time; "
-                                   "its buffers were freed. Pass retain_graph=True the first time.")
+        if not isinstance(t, Node):  # a leaf
             if sink is None:
                 t._accumulate(g)
             else:
                 sink.append((t, g))
             continue
-        if t._retains_grad:
-            t._accumulate(g)
-        parent_grads = t._backward(g)
-        for p, pg in zip(t._parents, parent_grads):
-            if pg is None or not p.requires_grad:
+        if t.freed:
+            raise RuntimeError("backward: trying to backward through the graph a second time; "
+                               "its buffers were freed. Pass retain_graph=True the first time.")
+        if t.retained is not None:
+            t.retained._accumulate(g)
+        parent_grads = t.backward(g)
+        for p, pg in zip(t.parents, parent_grads):
+            if pg is None or p is None:
                 continue
             if not backend.is_array(pg):  # a 0-d result may come back as a scalar
                 pg = xp.asarray(pg, dtype=p.dtype)
             prev = grads.get(id(p))
             grads[id(p)] = pg if prev is None else prev + pg
         if not retain_graph:
-            t._parents = None
-            t._backward = None
-            t._freed = True
+            t.backward, t.parents, t.retained, t.freed = None, None, None, True

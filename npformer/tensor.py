@@ -24,12 +24,11 @@ class Tensor:
     device, or None. requires_grad: whether gradients flow to this tensor.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_freed",
-                 "_retains_grad", "_op", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_node", "__weakref__")
 
     __array_priority__ = 1000  # make `ndarray + Tensor` defer to Tensor.__radd__
 
-    def __init__(self, data, requires_grad: bool = False, *, _parents=None, _backward=None, _op=None):
+    def __init__(self, data, requires_grad: bool = False, *, _node=None):
         if not backend.is_array(data):
             if hasattr(data, "__cuda_array_interface__"):
                 backend.gpu_available()      # a CuPy array made before npformer imported CuPy
@@ -40,11 +39,7 @@ class Tensor:
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)
-        self._parents = _parents
-        self._backward = _backward
-        self._op = _op
-        self._freed = False
-        self._retains_grad = False
+        self._node = _node      # the autograd.Node of the op that made this tensor; None for a leaf
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -74,13 +69,13 @@ class Tensor:
 
     @property
     def is_leaf(self) -> bool:
-        """True for tensors made by the user (not by an op), even after backward freed the graph."""
-        return self._backward is None and not self._freed
+        """True for tensors made by the user (not by an op that recorded a graph)."""
+        return self._node is None
 
     @property
     def grad_fn(self):
         """Name of the op that produced this tensor, or None for a leaf."""
-        return self._op if self._backward is not None else None
+        return self._node.op if self._node is not None else None
 
     def __len__(self) -> int:
         if self.data.ndim == 0:
@@ -90,7 +85,7 @@ class Tensor:
     def __repr__(self) -> str:
         extra = f", device='{self.device}'" if self.device != "cpu" else ""
         if self.requires_grad:
-            extra += f", grad_fn={self._op}" if self._backward is not None else ", requires_grad=True"
+            extra += f", grad_fn={self._node.op}" if self._node is not None else ", requires_grad=True"
         body = np.array2string(backend.to_numpy(self.data), separator=", ", prefix="tensor(")
         return f"tensor({body}, dtype={self.dtype}{extra})"
 
@@ -110,8 +105,9 @@ class Tensor:
             self.grad += g
 
     def retain_grad(self) -> "Tensor":
-        """Also store .grad on this non-leaf tensor during backward."""
-        self._retains_grad = True
+        """Also store .grad on this non-leaf tensor during backward (a leaf always gets one)."""
+        if self._node is not None:
+            self._node.retained = self
         return self
 
     def detach(self) -> "Tensor":

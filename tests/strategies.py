@@ -177,10 +177,10 @@ def check_float32(fn, *arrays):
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     for o in outs:
         assert o.dtype == np.float32, f"output dtype {o.dtype}"
-        if o._backward is not None:
-            grads = o._backward(o.xp.ones(o.shape, dtype=np.float32))
-            for p, g in zip(o._parents, grads):
-                if g is not None:
+        if o._node is not None:
+            grads = o._node.backward(o.xp.ones(o.shape, dtype=np.float32))
+            for p, g in zip(o._node.parents, grads):      # a parent: a Node or a leaf tensor
+                if g is not None and p is not None:
                     assert g.dtype == np.float32, f"backward gave {g.dtype} for a float32 input"
                     assert tuple(g.shape) == p.shape
     loss = outs[0].sum()

@@ -216,3 +216,34 @@ def test_requires_grad_on_non_float_raises(dtype):
     with pytest.raises(TypeError, match=name):
         t.requires_grad_()
     assert not t.requires_grad
+
+
+def test_the_graph_holds_nodes_not_intermediate_tensors():
+    """An intermediate tensor the caller drops is freed (add keeps only shapes); backward still works."""
+    import gc
+    import weakref
+    x = T(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    h = x + 1.0
+    seen = weakref.ref(h)
+    y = (h + 2.0).sum()
+    assert h.grad_fn == "add" and not h.is_leaf
+    del h
+    gc.collect()
+    assert seen() is None
+    y.backward()
+    np.testing.assert_array_equal(host(x.grad), [1.0, 1.0, 1.0])
+    assert y.grad_fn == "sum" and not y.is_leaf      # a freed graph keeps its op names
+
+
+def test_leaf_gradients_are_handed_over_right_after_their_consumer():
+    """Backward order: a weight's gradient is complete right after its consumer's backward."""
+    w1, w2 = T(np.ones((3, 3)), requires_grad=True), T(np.ones((3, 3)), requires_grad=True)
+    x = T(np.ones((2, 3)))
+    arrived = []
+
+    class Sink(list):
+        def append(self, pair):
+            arrived.append(pair[0])
+    with nf.autograd.collect_leaf_grads(Sink()):
+        (nf.linear(nf.linear(x, w1), w2)).sum().backward()
+    assert arrived[0] is w2 and arrived[1] is w1

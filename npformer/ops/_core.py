@@ -23,11 +23,8 @@ def result(data, parents, backward, name: str) -> Tensor:
     """Wrap an op's output array; record the graph edge when any parent needs grad."""
     if not backend.is_array(data):  # NumPy reductions to 0-d return scalars
         data = backend.get_array_module(*(p.data for p in parents)).asarray(data)
-    if autograd.is_grad_enabled():
-        for p in parents:
-            if p.requires_grad:
-                return Tensor(data, True, _parents=parents, _backward=backward, _op=name)
-    return Tensor(data)
+    node = autograd.record(data, parents, backward, name)
+    return Tensor(data) if node is None else Tensor(data, True, _node=node)
 
 
 def unbroadcast(grad, shape):

@@ -22,16 +22,20 @@ def _binary(name, a, b, fn):
 def add(a, b):
     """a + b, broadcasting. d/da = 1, d/db = 1."""
     a, b, out = _binary("add", a, b, lambda x, y: x + y)
-    return result(out, (a, b), lambda g: (unbroadcast(g, a.shape) if needs(a) else None,
-                                          unbroadcast(g, b.shape) if needs(b) else None), "add")
+    # the closure keeps shapes and flags, not the inputs: a residual stream that nothing else
+    # needs for the backward is then freed as soon as the forward is done with it
+    sa, sb, na, nb = a.shape, b.shape, needs(a), needs(b)
+    return result(out, (a, b), lambda g: (unbroadcast(g, sa) if na else None,
+                                          unbroadcast(g, sb) if nb else None), "add")
 
 
 @register
 def sub(a, b):
     """a - b, broadcasting. d/da = 1, d/db = -1."""
     a, b, out = _binary("sub", a, b, lambda x, y: x - y)
-    return result(out, (a, b), lambda g: (unbroadcast(g, a.shape) if needs(a) else None,
-                                          unbroadcast(-g, b.shape) if needs(b) else None), "sub")
+    sa, sb, na, nb = a.shape, b.shape, needs(a), needs(b)
+    return result(out, (a, b), lambda g: (unbroadcast(g, sa) if na else None,
+                                          unbroadcast(-g, sb) if nb else None), "sub")
 
 
 @register

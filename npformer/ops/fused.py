@@ -174,12 +174,13 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     if b is not None:
         out = out + b.data.reshape(n) if w is None else out.__iadd__(b.data.reshape(n))
     out = out.reshape(a.shape)
+    a_shape, need_a = a.shape, needs(a)     # not `a` itself: its data is not needed here
 
     def backward(g):
         g2 = g.reshape(-1, n)
         dxhat = g2 * wf if w is not None else g2
         da = None
-        if needs(a):
+        if need_a:
             m1 = dxhat @ ones
             m1 *= inv_n                                              # mean(dxhat)
             m2 = xp.einsum("ij,ij->i", dxhat, xhat)
@@ -188,7 +189,7 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
             da += m1[:, None]
             xp.subtract(dxhat, da, out=da)
             da *= rstd
-            da = da.reshape(a.shape)
+            da = da.reshape(a_shape)
         grads = [da]
         if w is not None:
             grads.append(xp.einsum("ij,ij->j", g2, xhat).reshape(normalized_shape) if needs(w) else None)

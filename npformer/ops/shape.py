@@ -21,7 +21,10 @@ def reshape(a, shape):
     except ValueError:
         raise ValueError(f"reshape: cannot reshape a tensor of shape {a.shape} ({a.size} elements) "
                          f"into shape {shape}") from None
-    return result(out, (a,), lambda g: (g.reshape(a.shape),), "reshape")
+    # Backward closures keep shapes and flags rather than the input tensors, whose data may
+    # then be freed once nothing else needs it (see npformer/autograd.py).
+    shape_in = a.shape
+    return result(out, (a,), lambda g: (g.reshape(shape_in),), "reshape")
 
 
 @register
@@ -61,7 +64,8 @@ def expand(a, shape):
         out = a.xp.broadcast_to(a.data, shape)
     except ValueError:
         raise shape_error("expand", a.shape, shape, why="cannot be expanded (from the first to the second)") from None
-    return result(out, (a,), lambda g: (unbroadcast(g, a.shape),), "expand")
+    shape_in = a.shape
+    return result(out, (a,), lambda g: (unbroadcast(g, shape_in),), "expand")
 
 
 def _selects_once(idx) -> bool:
@@ -101,9 +105,10 @@ def getitem(a, idx):
     except IndexError as exc:
         raise IndexError(f"getitem: index invalid for shape {a.shape}: {exc}") from None
     once = _selects_once(idx)
+    xp, shape_in = a.xp, a.shape
 
     def backward(g):
-        full = a.xp.zeros(a.shape, dtype=g.dtype)
+        full = xp.zeros(shape_in, dtype=g.dtype)
         if once:
             full[idx] = g
         else:
@@ -128,10 +133,12 @@ def concatenate(tensors_, axis=0):
         bounds.append((start, stop))
         start = stop
 
+    wanted = [needs(t) for t in ts]
+
     def backward(g):
         ax = axis % g.ndim
         pre = (slice(None),) * ax
-        return tuple(g[pre + (slice(s, e),)] if needs(t) else None for t, (s, e) in zip(ts, bounds))
+        return tuple(g[pre + (slice(s, e),)] if w else None for w, (s, e) in zip(wanted, bounds))
     return result(out, ts, backward, "concatenate")
 
 
@@ -145,9 +152,11 @@ def stack(tensors_, axis=0):
     except ValueError:
         raise shape_error("stack", *(t.shape for t in ts), why="must all be equal") from None
 
+    wanted = [needs(t) for t in ts]
+
     def backward(g):
         parts = xp.moveaxis(g, axis, 0)
-        return tuple(parts[i] if needs(t) else None for i, t in enumerate(ts))
+        return tuple(parts[i] if w else None for i, w in enumerate(wanted))
     return result(out, ts, backward, "stack")
 
 
@@ -200,10 +209,12 @@ def where(cond, a, b):
     except ValueError:
         raise shape_error("where", c.shape, a.shape, b.shape) from None
 
+    xp, sa, sb, na, nb = a.xp, a.shape, b.shape, needs(a), needs(b)
+
     def backward(g):
-        zero = a.xp.zeros((), dtype=g.dtype)
-        return (unbroadcast(a.xp.where(c, g, zero), a.shape) if needs(a) else None,
-                unbroadcast(a.xp.where(c, zero, g), b.shape) if needs(b) else None)
+        zero = xp.zeros((), dtype=g.dtype)
+        return (unbroadcast(xp.where(c, g, zero), sa) if na else None,
+                unbroadcast(xp.where(c, zero, g), sb) if nb else None)
     return result(out, (a, b), backward, "where")
 
 
@@ -222,6 +233,8 @@ def masked_fill(a, mask, value):
     if out.shape != a.data.shape:
         raise shape_error("masked_fill", a.shape, m.shape, why="(tensor and mask): the mask may not enlarge the tensor")
 
+    xp = a.xp
+
     def backward(g):
-        return (a.xp.where(m, a.xp.zeros((), dtype=g.dtype), g),)
+        return (xp.where(m, xp.zeros((), dtype=g.dtype), g),)
     return result(out, (a,), backward, "masked_fill")
