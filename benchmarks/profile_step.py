@@ -34,6 +34,7 @@ from npformer.training import parallel  # noqa: E402
 GROUPS = {
     ("ops/linalg.py", "linear"): "linear forward", ("ops/linalg.py", "backward"): "linear backward",
     ("ops/attention.py", "attention"): "attention forward",
+    ("ops/attention.py", "self_attention"): "attention forward",
     ("ops/attention.py", "backward"): "attention backward",
     ("ops/activations.py", "gelu"): "gelu forward", ("ops/activations.py", "backward"): "gelu backward",
     ("ops/fused.py", "layer_norm"): "layer norm forward",
