@@ -29,7 +29,8 @@ class Node:
     backward: the op's closure, gradient of the output -> one gradient per input.
     parents: per input, its Node; the input tensor itself when it is a leaf that requires
     grad; None when it needs no gradient. op: the op's name. dtype, shape: the output's.
-    retained: the output tensor after ``retain_grad()``, else None. freed: backward has
+    retained: a weak reference to the output tensor after ``retain_grad()`` (weak, so that the
+    tensor and the node do not keep each other, and the graph, alive), else None. freed: backward has
     run without retain_graph, so the closure (and the arrays it saved) are gone.
     """
 
@@ -184,6 +185,8 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         if g is None:
             continue
         if not isinstance(t, Node):  # a leaf
+            if not t.requires_grad:  # switched off since the forward (a frozen weight): no .grad
+                continue
             if sink is None:
                 t._accumulate(g)
             else:
@@ -192,8 +195,9 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         if t.freed:
             raise RuntimeError("backward: trying to backward through the graph a second time; "
                                "its buffers were freed. Pass retain_graph=True the first time.")
-        if t.retained is not None:
-            t.retained._accumulate(g)
+        kept = t.retained() if t.retained is not None else None
+        if kept is not None:
+            kept._accumulate(g)
         parent_grads = t.backward(g)
         for p, pg in zip(t.parents, parent_grads):
             if pg is None or p is None:

@@ -7,6 +7,7 @@ and the Python operator and method spellings that forward to the ops.
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class Tensor:
     def retain_grad(self) -> "Tensor":
         """Also store .grad on this non-leaf tensor during backward (a leaf always gets one)."""
         if self._node is not None:
-            self._node.retained = self
+            self._node.retained = weakref.ref(self)
         return self
 
     def detach(self) -> "Tensor":

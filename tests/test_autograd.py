@@ -247,3 +247,35 @@ def test_leaf_gradients_are_handed_over_right_after_their_consumer():
     with nf.autograd.collect_leaf_grads(Sink()):
         (nf.linear(nf.linear(x, w1), w2)).sum().backward()
     assert arrived[0] is w2 and arrived[1] is w1
+
+
+@pytest.mark.parametrize("op", ["add", "reshape", "mul", "getitem"])
+def test_a_leaf_frozen_between_forward_and_backward_gets_no_grad(op):
+    """requires_grad switched off after the forward: no .grad, whichever op consumed the leaf."""
+    w = T(np.ones(3), requires_grad=True)
+    use = {"add": lambda t: t + 1.0, "reshape": lambda t: t.reshape(3, 1), "mul": lambda t: t * 2.0,
+           "getitem": lambda t: t[1:]}[op]
+    other = T(np.ones(3), requires_grad=True)
+    loss = use(w).sum() + (other * 2.0).sum()
+    w.requires_grad = False
+    loss.backward()
+    assert w.grad is None
+    np.testing.assert_array_equal(host(other.grad), [2.0, 2.0, 2.0])
+
+
+def test_retain_grad_does_not_keep_the_graph_alive():
+    """The node refers to a retained tensor weakly: dropping the tensors frees the graph without gc."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        x = T(np.ones(4), requires_grad=True)
+        h = (x * 2.0).retain_grad()
+        y = (h * 3.0).sum()
+        seen = weakref.ref(h)
+        y.backward(retain_graph=True)
+        np.testing.assert_array_equal(host(h.grad), [3.0] * 4)
+        del h, y
+        assert seen() is None
+    finally:
+        gc.enable()

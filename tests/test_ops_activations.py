@@ -114,3 +114,8 @@ def test_gelu_in_pieces_is_bitwise_the_whole_computation(data, chunk, approximat
         mod.GELU_CHUNK = saved
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gelu_refuses_integer_input():
+    with pytest.raises(TypeError, match="gelu: the input must be floating point"):
+        nf.gelu(T(np.arange(3)))

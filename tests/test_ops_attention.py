@@ -4,6 +4,7 @@ masked rows, dropout, float32 kept, and errors."""
 
 import contextlib
 import importlib
+import math
 
 import numpy as np
 import pytest
@@ -149,7 +150,7 @@ def _split_heads_reference(x, n_head, **kw):
     E = E3 // 3
     q, k, v = (nf.transpose(nf.reshape(part, tuple(batch) + (T_, n_head, E // n_head)), -3, -2)
                for part in nf.split(x, E, axis=-1))
-    y = nf.attention(q, k, v, scale=kw.pop("scale", (E // n_head) ** -0.5), **kw)
+    y = nf.attention(q, k, v, scale=kw.pop("scale", 1.0 / math.sqrt(E // n_head)), **kw)
     return nf.reshape(nf.transpose(y, -3, -2), tuple(batch) + (T_, E))
 
 
@@ -190,6 +191,14 @@ def test_self_attention_dropout_matches_the_split_heads_computation():
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
     assert nf.gradcheck(lambda t: nf.self_attention(t, 2, dropout_p=0.3, generator=nf.random.Generator(5, DEVICE)),
                         [T(x, True)])
+
+
+def test_self_attention_default_scale_is_sdpa_s_and_numpy_ints_are_accepted():
+    """scale defaults to 1 / sqrt(D) exactly as scaled_dot_product_attention's; n_head may be np.int64."""
+    x = np.random.default_rng(4).standard_normal((2, 6, 3 * 2 * 32))
+    got = host(nf.self_attention(T(x), np.int64(2), causal=True))
+    want = host(_split_heads_reference(T(x), 2, causal=True))
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("shape, n_head, words", [((4, 10), 2, "(4, 10)"), ((4, 12), 0, "n_head"),

@@ -60,6 +60,8 @@ def gelu(a, approximate: str = "none"):
     (a,) = tensors("gelu", a)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh'; got {approximate!r}")
+    if a.dtype.kind not in "fc":
+        raise TypeError(f"gelu: the input must be floating point; got dtype {a.dtype}")
     xp, shape = a.xp, a.shape
     x = a.data.reshape(-1)          # 1-D, so in-place updates also work for 0-d inputs
     # Written with in-place updates of a few scratch arrays: on large activations the

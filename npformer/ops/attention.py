@@ -13,6 +13,9 @@ weights uses a transposed view, which BLAS takes without a copy.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .. import backend, random
 from ._core import needs, register, result, shape_error, tensors, unbroadcast
 
@@ -116,14 +119,15 @@ def self_attention(qkv, n_head: int, scale=None, causal: bool = False, dropout_p
     """
     (x,) = tensors("self_attention", qkv)
     xp = x.xp
-    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+    if isinstance(n_head, bool) or not isinstance(n_head, numbers.Integral) or n_head < 1:
         raise ValueError(f"self_attention: n_head must be a positive int; got {n_head!r}")
     if x.ndim < 2 or x.shape[-1] % (3 * n_head) != 0:
         raise ValueError(f"self_attention: qkv of shape {x.shape} must be (..., T, 3 * E) with E a multiple of "
                          f"n_head = {n_head}, so its last axis a multiple of {3 * n_head}")
     *batch, T, E3 = x.shape
+    n_head = int(n_head)
     batch, D = tuple(batch), E3 // (3 * n_head)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)   # as scaled_dot_product_attention
     heads = x.data.reshape(batch + (T, 3, n_head, D))
     q, k, v = (heads[..., i, :, :].swapaxes(-3, -2) for i in range(3))   # 3 x (..., n_head, T, D) views
     out = xp.empty(batch + (T, n_head, D), dtype=x.dtype)
