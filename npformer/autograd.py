@@ -50,7 +50,7 @@ def record(data, parents, backward, op: str):
     """
     if not is_grad_enabled():
         return None
-    edges = tuple((p._node if p._node is not None else p) if p.requires_grad else None for p in parents)
+    edges = tuple((p._node if p._node is not None else p) if p._requires_grad else None for p in parents)
     if all(e is None for e in edges):
         return None
     return Node(backward, edges, op, data.dtype, tuple(data.shape))
@@ -185,7 +185,7 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         if g is None:
             continue
         if not isinstance(t, Node):  # a leaf
-            if not t.requires_grad:  # switched off since the forward (a frozen weight): no .grad
+            if not t._requires_grad:  # switched off since the forward (a frozen weight): no .grad
                 continue
             if sink is None:
                 t._accumulate(g)

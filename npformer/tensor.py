@@ -25,7 +25,7 @@ class Tensor:
     device, or None. requires_grad: whether gradients flow to this tensor.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_node", "__weakref__")
+    __slots__ = ("data", "grad", "_requires_grad", "_node", "__weakref__")
 
     __array_priority__ = 1000  # make `ndarray + Tensor` defer to Tensor.__radd__
 
@@ -39,7 +39,7 @@ class Tensor:
             raise TypeError(f"only floating-point tensors can require gradients; got dtype {data.dtype}")
         self.data = data
         self.grad = None
-        self.requires_grad = bool(requires_grad)
+        self._requires_grad = bool(requires_grad)
         self._node = _node      # the autograd.Node of the op that made this tensor; None for a leaf
 
     # ------------------------------------------------------------------ basic properties
@@ -105,8 +105,26 @@ class Tensor:
         else:
             self.grad += g
 
+    @property
+    def requires_grad(self) -> bool:
+        """Whether gradients flow to this tensor. Settable on leaves only (as in PyTorch): a
+        non-leaf's flag is its graph's; ``detach()`` gives a tensor cut from it."""
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value) -> None:
+        value = bool(value)
+        if self._node is not None and not value:
+            raise RuntimeError(f"requires_grad: only a leaf tensor's flag can be changed; this one was made "
+                               f"by {self._node.op!r} (use .detach() to cut it from the graph)")
+        if value and not _is_float_dtype(self.dtype):
+            raise TypeError(f"only floating-point tensors can require gradients; got dtype {self.dtype}")
+        self._requires_grad = value
+
     def retain_grad(self) -> "Tensor":
         """Also store .grad on this non-leaf tensor during backward (a leaf always gets one)."""
+        if not self._requires_grad:
+            raise RuntimeError("retain_grad: the tensor does not require grad, so it will get no gradient")
         if self._node is not None:
             self._node.retained = weakref.ref(self)
         return self
@@ -116,9 +134,7 @@ class Tensor:
         return Tensor(self.data)
 
     def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
-        if requires_grad and not _is_float_dtype(self.dtype):
-            raise TypeError(f"only floating-point tensors can require gradients; got dtype {self.dtype}")
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = requires_grad
         return self
 
     def zero_grad(self) -> None:

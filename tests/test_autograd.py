@@ -279,3 +279,17 @@ def test_retain_grad_does_not_keep_the_graph_alive():
         assert seen() is None
     finally:
         gc.enable()
+
+
+def test_requires_grad_is_settable_on_leaves_only_and_retain_grad_needs_it():
+    x = T(np.ones(3), requires_grad=True)
+    h = x * 2.0
+    with pytest.raises(RuntimeError, match="only a leaf tensor's flag can be changed; this one was made by 'mul'"):
+        h.requires_grad = False
+    h.requires_grad_(True)                                   # already true: allowed
+    with pytest.raises(TypeError, match="only floating-point tensors can require gradients"):
+        T(np.arange(3)).requires_grad = True
+    with pytest.raises(RuntimeError, match="retain_grad: the tensor does not require grad"):
+        T(np.ones(3)).retain_grad()
+    x.requires_grad = False                                  # a leaf: allowed
+    assert not x.requires_grad and not (x * 2.0).requires_grad
