@@ -130,6 +130,28 @@ def test_bad_worker_counts_are_refused(tmp_path, workers, device, match):
         pretrain(tiny(tmp_path, workers=workers, device=device), log=quiet)
 
 
+def test_shards_accumulate_gradients_and_resume_keeps_them(tmp_path):
+    """--shards 4 (2 per worker): same training as the default cut up to float rounding; the
+    checkpoint records the shards (so `npformer pretrain --resume` keeps them) and a resume
+    with them is bit-exact with the uninterrupted run."""
+    from npformer.cli import _saved_settings
+    base = pretrain(tiny(tmp_path, "base", workers=2), log=quiet)
+    full = pretrain(tiny(tmp_path, "a", workers=2, shards=4, dropout=0.2), log=quiet)
+    pretrain(tiny(tmp_path, "b", workers=2, shards=4, dropout=0.2, max_iters=6, lr_decay_iters=12), log=quiet)
+    assert _saved_settings(str(tmp_path / "b"))["shards"] == 4
+    resumed = pretrain(tiny(tmp_path, "b", workers=2, shards=4, dropout=0.2, resume=True), log=quiet)
+    assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert resumed["val_loss"] == full["val_loss"]
+    no_dropout = pretrain(tiny(tmp_path, "c", workers=2, shards=4), log=quiet)
+    assert no_dropout["val_loss"] == pytest.approx(base["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("shards", [0, -1, True, 2.0])
+def test_bad_shard_counts_are_refused(tmp_path, shards):
+    with pytest.raises(ValueError, match="--shards must be a positive integer"):
+        pretrain(tiny(tmp_path, shards=shards), log=quiet)
+
+
 def test_resume_keeps_the_original_schedule(tmp_path):
     """lr_decay_iters defaults to max_iters; a resume with a larger --max-iters keeps the old decay."""
     pretrain(tiny(tmp_path, "a", lr_decay_iters=8), log=quiet)

@@ -74,6 +74,7 @@ class PretrainConfig:
     seed: int = 1337
     device: str = None                  # None: NPFORMER_DEVICE, else cpu
     workers: int = None                 # CPU workers of the data-parallel step; None: all usable cores
+    shards: int = None                  # pieces each batch is cut into (None: about 512 tokens each)
     data: str = None                    # None: the built-in toy language
     tokenizer: str = "char"             # "char" or "bpe"
     vocab_size: int = 512               # for --tokenizer bpe
@@ -110,6 +111,9 @@ class PretrainConfig:
              f"--workers must be a positive integer; got {t}")
         need(t in (None, 1) or device == "cpu", f"--workers {t} splits the batch over CPU workers; on the "
                                                 f"{device} use --workers 1 (or leave it out)")
+        sh = self.shards
+        need(sh is None or (isinstance(sh, int) and not isinstance(sh, bool) and sh >= 1),
+             f"--shards must be a positive integer; got {sh}")
         backend.check_device(device)
         workers = parallel.default_threads(device) if t is None else t
         return dataclasses.replace(self, lr_decay_iters=decay, device=device, workers=workers)
@@ -250,8 +254,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
 
     def step_fb(x, y):
         if workers is not None:
-            return workers.forward_backward(x, y)
-        return parallel.forward_backward(model, x, y, cfg.workers)
+            return workers.forward_backward(x, y, shards=cfg.shards)
+        return parallel.forward_backward(model, x, y, cfg.workers, shards=cfg.shards)
 
     try:
         while step < cfg.max_iters:
