@@ -248,3 +248,23 @@ def test_tiny_top_p_keeps_only_the_argmax():
 def test_filter_logits_bad_values_raise(kw, name):
     with pytest.raises(ValueError, match=name):
         filter_logits(np.zeros((1, 4)), **kw)
+
+
+@given(steps=st.lists(st.integers(1, 5), min_size=1, max_size=12), seed=st.integers(0, 2**16))
+def test_kv_cache_appends_like_concatenation(steps, seed):
+    """The cache's growing buffers hold exactly the concatenation of what was appended; an array
+    the caller assigns to k[i] / v[i] is what later appends extend."""
+    rng = np.random.default_rng(seed)
+    cache, ks, vs = KVCache(2), [], []
+    for i, n in enumerate(steps):
+        k, v = rng.standard_normal((2, 3, n, 4)), rng.standard_normal((2, 3, n, 4))
+        ks.append(k)
+        vs.append(v)
+        cache.append(0, T(k).data, T(v).data)
+        if i == len(steps) // 2:                       # the caller swaps in its own arrays
+            ks = [host(cache.k[0])[::-1].copy()]
+            vs = [host(cache.v[0])[::-1].copy()]
+            cache.k[0], cache.v[0] = T(ks[0]).data, T(vs[0]).data
+        np.testing.assert_array_equal(host(cache.k[0]), np.concatenate(ks, axis=2))
+        np.testing.assert_array_equal(host(cache.v[0]), np.concatenate(vs, axis=2))
+    assert cache.k[1] is None

@@ -47,12 +47,16 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, for incremental decoding.
 
-    k[i], v[i]: (B, nh, T_past, hs) arrays of layer i; ``length`` = T_past.
+    k[i], v[i]: (B, nh, T_past, hs) arrays of layer i; ``length`` = T_past. They are views of
+    buffers that grow by doubling, so appending a token copies only that token's keys and
+    values (amortised), not the whole cache. An array assigned to k[i] / v[i] by the caller
+    (reordered beams, say) is taken as the new contents at the next append.
     """
 
     def __init__(self, n_layer: int):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
+        self._buffers = [None] * n_layer      # (k buffer, v buffer, the views handed out as k[i], v[i])
 
     @property
     def length(self) -> int:
@@ -61,13 +65,25 @@ class KVCache:
 
     def append(self, layer: int, k, v):
         """Add this step's (B, nh, T_new, hs) keys/values to layer `layer`; return the full arrays."""
-        if self.k[layer] is None:
+        old_k, old_v, buf = self.k[layer], self.v[layer], self._buffers[layer]
+        if old_k is None:
             self.k[layer], self.v[layer] = k, v
-        else:
+            self._buffers[layer] = None
+            return k, v
+        n, need = old_k.shape[2], old_k.shape[2] + k.shape[2]
+        if buf is None or buf[2] is not old_k or buf[3] is not old_v or buf[0].shape[2] < need \
+                or buf[0].shape[:2] != k.shape[:2] or buf[0].dtype != k.dtype:
             xp = backend.get_array_module(k)
-            self.k[layer] = xp.concatenate([self.k[layer], k], axis=2)
-            self.v[layer] = xp.concatenate([self.v[layer], v], axis=2)
-        return self.k[layer], self.v[layer]
+            size = max(need, 2 * n, 16)
+            kb = xp.empty(k.shape[:2] + (size,) + k.shape[3:], dtype=k.dtype)
+            vb = xp.empty(v.shape[:2] + (size,) + v.shape[3:], dtype=v.dtype)
+            kb[:, :, :n], vb[:, :, :n] = old_k, old_v
+            buf = [kb, vb, None, None]
+        buf[0][:, :, n:need], buf[1][:, :, n:need] = k, v
+        buf[2], buf[3] = buf[0][:, :, :need], buf[1][:, :, :need]
+        self._buffers[layer] = buf
+        self.k[layer], self.v[layer] = buf[2], buf[3]
+        return buf[2], buf[3]
 
 
 class CausalSelfAttention(nn.Module):
