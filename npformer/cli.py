@@ -57,7 +57,8 @@ def _pretrain_parser(sub, defaults=None):
     g.add_argument("--shards", type=int, default=None,
                    help="cut each batch into this many pieces, run one after another per worker "
                         "(gradient accumulation): more shards, less activation memory, a little "
-                        "slower (default: pieces of about 512 tokens, a multiple of --workers)")
+                        "slower (default: on the CPU pieces of about 512 tokens, a multiple of "
+                        "--workers; on a GPU one)")
     g.add_argument("--data", default=None, help="a UTF-8 text file (default: the built-in toy language)")
     g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer, help="character-level or byte-level BPE")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size for --tokenizer bpe")

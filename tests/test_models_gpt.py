@@ -268,3 +268,10 @@ def test_kv_cache_appends_like_concatenation(steps, seed):
         np.testing.assert_array_equal(host(cache.k[0]), np.concatenate(ks, axis=2))
         np.testing.assert_array_equal(host(cache.v[0]), np.concatenate(vs, axis=2))
     assert cache.k[1] is None
+
+
+def test_kv_cache_refuses_a_mismatched_append():
+    cache = KVCache(1)
+    cache.append(0, T(np.zeros((1, 2, 3, 4))).data, T(np.zeros((1, 2, 3, 4))).data)
+    with pytest.raises(ValueError, match=r"KVCache.append: layer 0 holds keys of shape \(1, 2, 3, 4\); cannot append"):
+        cache.append(0, T(np.zeros((3, 2, 1, 4))).data, T(np.zeros((3, 2, 1, 4))).data)

@@ -70,13 +70,18 @@ class KVCache:
             self.k[layer], self.v[layer] = k, v
             self._buffers[layer] = None
             return k, v
+        for name, old, new in (("keys", old_k, k), ("values", old_v, v)):
+            if old.shape[:2] != new.shape[:2] or old.shape[3:] != new.shape[3:]:
+                raise ValueError(f"KVCache.append: layer {layer} holds {name} of shape {tuple(old.shape)}; "
+                                 f"cannot append {tuple(new.shape)} (batch, heads and head size must match)")
         n, need = old_k.shape[2], old_k.shape[2] + k.shape[2]
+        xp = backend.get_array_module(k)
+        dtype_k, dtype_v = xp.result_type(old_k, k), xp.result_type(old_v, v)
         if buf is None or buf[2] is not old_k or buf[3] is not old_v or buf[0].shape[2] < need \
-                or buf[0].shape[:2] != k.shape[:2] or buf[0].dtype != k.dtype:
-            xp = backend.get_array_module(k)
+                or buf[0].dtype != dtype_k or buf[1].dtype != dtype_v:
             size = max(need, 2 * n, 16)
-            kb = xp.empty(k.shape[:2] + (size,) + k.shape[3:], dtype=k.dtype)
-            vb = xp.empty(v.shape[:2] + (size,) + v.shape[3:], dtype=v.dtype)
+            kb = xp.empty(k.shape[:2] + (size,) + k.shape[3:], dtype=dtype_k)
+            vb = xp.empty(v.shape[:2] + (size,) + v.shape[3:], dtype=dtype_v)
             kb[:, :, :n], vb[:, :, :n] = old_k, old_v
             buf = [kb, vb, None, None]
         buf[0][:, :, n:need], buf[1][:, :, n:need] = k, v
