@@ -153,6 +153,16 @@ def scatter_add(target, index, values) -> None:
         cupyx.scatter_add(target, index, values)
 
 
+def elementwise_pieces(size: int, device: str, piece: int) -> list:
+    """Slices cutting `size` elements into runs of `piece` on the CPU, one slice on a GPU.
+
+    For elementwise ops of many passes (GELU): on the CPU a piece's scratch arrays stay in the
+    core's cache through all the passes; on a GPU each pass is one kernel over the whole array.
+    """
+    step = max(1, piece if device == "cpu" else size)
+    return [slice(i, min(i + step, size)) for i in range(0, size, step)]
+
+
 # erf: NumPy has none. For float64 we use a series/continued-fraction pair accurate
 # to ~2e-15; for float32 a rational approximation good to ~5e-7 (a few float32 eps).
 

@@ -278,3 +278,9 @@ def test_guard_catches_numpy_only_usage(cupy_module):
     assert "zeros" not in problems and "float32" not in problems and "tolist" not in problems
     assert "np.errstate" not in problems and "permutation" not in problems and "choice" not in problems
     assert len(problems.splitlines()) == 9, problems
+
+
+def test_elementwise_pieces_cover_the_array_once():
+    assert backend.elementwise_pieces(10, "cpu", 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert backend.elementwise_pieces(10, "gpu", 4) == [slice(0, 10)]
+    assert backend.elementwise_pieces(0, "cpu", 4) == []
