@@ -146,6 +146,22 @@ def test_closing_one_pool_while_another_lives_is_prompt_and_reaps_its_workers():
     del second                                           # garbage collection also stops the workers
 
 
+def test_a_second_ctrl_c_while_closing_still_reaps_every_worker(monkeypatch):
+    """Ctrl-C during close()'s wait for the workers: they are killed and reaped, then it propagates."""
+    pool = shard_workers.ShardWorkers(make(), 3)
+    pids = pool.pids
+    os.kill(pids[0], signal.SIGSTOP)                     # this one cannot answer the quit message
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shard_workers.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pool.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)                  # reaped, none left behind
+
+
 def test_workers_follow_grad_mode_requires_grad_and_refuse_other_leaves():
     x, y = batch(B=4)
     with nf.no_grad():                                    # made under no_grad, used outside it

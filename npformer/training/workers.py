@@ -147,16 +147,31 @@ def _shutdown(owner: int, pids, to_fds, from_fds) -> None:
         except OSError:
             pass
     deadline = time.monotonic() + 5.0
-    for pid in pids:
-        try:
-            while os.waitpid(pid, os.WNOHANG)[0] == 0:
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.01)
-        except ChildProcessError:
-            pass
+    waiting = list(pids)
+    try:
+        while waiting:
+            pid = waiting[0]
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    if time.monotonic() <= deadline:
+                        time.sleep(0.01)
+                        continue
+                    _kill_and_reap(pid)
+            except ChildProcessError:
+                pass
+            waiting.pop(0)
+    except BaseException:             # a second Ctrl-C while waiting: no worker is left behind
+        for pid in waiting:
+            _kill_and_reap(pid)
+        raise
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 class ShardWorkers:
