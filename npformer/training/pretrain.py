@@ -106,14 +106,13 @@ class PretrainConfig:
         need(self.tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
         need(self.samples >= 0 and self.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0")
         device = self.device or backend.default_device()
+        for name in ("workers", "shards"):      # None: npformer's choice
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                 f"--{name} must be a positive integer; got {v}")
         t = self.workers
-        need(t is None or (isinstance(t, int) and not isinstance(t, bool) and t >= 1),
-             f"--workers must be a positive integer; got {t}")
         need(t in (None, 1) or device == "cpu", f"--workers {t} splits the batch over CPU workers; on the "
                                                 f"{device} use --workers 1 (or leave it out)")
-        sh = self.shards
-        need(sh is None or (isinstance(sh, int) and not isinstance(sh, bool) and sh >= 1),
-             f"--shards must be a positive integer; got {sh}")
         backend.check_device(device)
         workers = parallel.default_threads(device) if t is None else t
         return dataclasses.replace(self, lr_decay_iters=decay, device=device, workers=workers)
