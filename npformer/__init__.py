@@ -4,7 +4,12 @@
     x = nf.tensor([[1.0, 2.0]], requires_grad=True)
     y = (x * x).sum()
     y.backward()            # x.grad == [[2., 4.]]
+
+The subpackages nf.nn, nf.optim, nf.models, nf.data, nf.training and nf.interop are imported on
+first use (PEP 562), so ``import npformer`` stays fast and imports neither them nor torch.
 """
+
+import importlib as _importlib
 
 from . import backend, cpu, ops, random
 from .autograd import is_grad_enabled, no_grad, set_grad_enabled
@@ -20,3 +25,16 @@ from .tensor import Tensor, tensor
 cpu.tune_allocator()   # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0 keeps the system settings)
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("data", "interop", "models", "nn", "optim", "training")
+
+
+def __getattr__(name):
+    """Import a lazy subpackage on first access; import_module also sets it as an attribute, so this runs once."""
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

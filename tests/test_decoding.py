@@ -210,7 +210,9 @@ def test_argument_errors_and_mode_restored():
     for kw, match in [(dict(beam_size=0), "beam_size must be an integer >= 1"),
                       (dict(max_new_tokens=14), r"1 \+ max_new_tokens = 15 exceeds max_len 14"),
                       (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
-                      (dict(eos_id=9), "eos_id 9 is outside the target vocabulary of 9")]:
+                      (dict(eos_id=9), "eos_id 9 is outside the target vocabulary of 9"),
+                      (dict(length_penalty=float("nan")), "length_penalty must be a finite number; got nan"),
+                      (dict(length_penalty=float("inf")), "length_penalty must be a finite number; got inf")]:
         with pytest.raises(ValueError, match=match):
             beam_search(model, src, **{"bos_id": BOS, "eos_id": EOS, **kw})
     beam_search(model, src, BOS, EOS, beam_size=2, max_new_tokens=3)

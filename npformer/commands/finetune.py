@@ -17,16 +17,19 @@ def add_parser(subparsers) -> None:
     d = FinetuneConfig()
     p = subparsers.add_parser("finetune", help="fine-tune a pretrained GPT on a classification task",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a pretraining run directory (its latest checkpoint) or a checkpoint")
-    p.add_argument("--task", choices=sorted(TASKS), default=d.task)
+    # required, so it has no default to show in --help
+    p.add_argument("--ckpt", required=True, default=argparse.SUPPRESS,
+                   help="a pretraining run directory (its latest checkpoint) or a checkpoint")
+    p.add_argument("--task", choices=sorted(TASKS), default=d.task, help="the classification task")
     p.add_argument("--freeze", action="store_true", help="train only the classifier head (a linear probe)")
     p.add_argument("--from-scratch", action="store_true",
                    help="the checkpoint's architecture with random weights, trained with the same budget")
-    p.add_argument("--max-iters", type=int, default=d.max_iters)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-iters", type=int, default=d.max_iters, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, warmup + cosine)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", choices=backend.DEVICES, default=None, help="default: $NPFORMER_DEVICE or cpu")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="new weights: seed, batch order: seed + 1, dropout: seed + 2")
+    p.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
     p.add_argument("--out", default=d.out, help="directory for the fine-tuned classifier's checkpoint")
     p.set_defaults(run=run)
 

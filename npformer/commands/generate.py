@@ -1,11 +1,15 @@
 """``npformer generate --ckpt DIR``: sample text from a checkpoint written by ``npformer pretrain``.
 
     npformer generate --ckpt out-pretrain --prompt "the cat" --max-new-tokens 200
+
+The text is printed as it is produced, one flush per token (as Hugging Face's TextStreamer and
+llama.cpp do), and the printed text is exactly the decode of all the sampled tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -14,19 +18,57 @@ from .. import backend
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample text from a pretrained checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # required, so it has no default to show in --help
+    p.add_argument("--ckpt", required=True, default=argparse.SUPPRESS,
+                   help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default=None,
-                   help="text to continue (default: a newline, or the first token when the vocabulary has none)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", choices=backend.DEVICES, default=None)
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute every position each step")
+                   help="text to continue; None: a newline, or the first token when the vocabulary has none")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens sampled after the prompt")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits: below 1 sharpens the distribution, above 1 flattens it")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; None: all")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the fewest most likely tokens whose probability reaches p; None: all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; sample i (from 1) uses seed + i - 1")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="independent samples, each under a '--- sample i ---' line when more than one")
+    p.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
+    p.add_argument("--cache", dest="use_cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the keys and values of earlier positions (--no-cache recomputes every position "
+                        "each step; same tokens)")
     p.set_defaults(run=run)
+
+
+class TextStream:
+    """Prints the text of a growing list of token ids, flushing after every token.
+
+    Each call decodes all the ids so far and prints what was not printed yet. Byte-level BPE can
+    end a token inside a UTF-8 character, which decodes to U+FFFD until its last bytes arrive, so
+    trailing U+FFFD characters are held back; end() prints the rest. Decoding runs left to right,
+    so text before the held-back tail never changes, and the printed text equals tok.decode(ids).
+
+    Use it as generate(..., on_token=stream) for a batch of one.
+    """
+
+    def __init__(self, tok, file=None):
+        self.tok, self.file = tok, file          # file None: sys.stdout at the time of writing
+        self.ids, self.printed = [], ""
+
+    def __call__(self, new_ids) -> None:
+        """new_ids: (1,) int, the newest token (generate's on_token)."""
+        self.ids.extend(np.asarray(new_ids).reshape(-1).tolist())
+        self._write(self.tok.decode(self.ids).rstrip("\ufffd"))
+
+    def end(self) -> str:
+        """Print what was held back; returns the whole text printed."""
+        self._write(self.tok.decode(self.ids))
+        return self.printed
+
+    def _write(self, text: str) -> None:
+        if len(text) > len(self.printed) and text.startswith(self.printed):
+            print(text[len(self.printed):], end="", file=self.file or sys.stdout, flush=True)
+            self.printed = text
 
 
 def run(args) -> None:
@@ -55,8 +97,12 @@ def run(args) -> None:
     if len(ids) > model.config.block_size:
         ids = ids[-model.config.block_size:]
     for i in range(args.num_samples):
-        out = generate(model, np.asarray(ids).reshape(1, -1), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, use_cache=args.use_cache)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + tok.decode(out[0, len(ids):]))
+        print(args.prompt, end="", flush=True)
+        stream = TextStream(tok)
+        generate(model, np.asarray(ids).reshape(1, -1), args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, use_cache=args.use_cache,
+                 on_token=stream)
+        stream.end()
+        print(flush=True)

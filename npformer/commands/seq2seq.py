@@ -29,22 +29,22 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("optimisation (Adam betas (0.9, 0.98), eps 1e-9, the paper's schedule)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     g.add_argument("--max-iters", type=int, default=None,
-                   help="optimizer steps (default per task: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_ITERS.items())
-                        + ")")
+                   help="optimizer steps; None: per task, " + ", ".join(f"{k} {v}" for k, v in DEFAULT_ITERS.items()))
     g.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps of the learning-rate schedule")
     g.add_argument("--lr-factor", type=float, default=d.lr_factor,
                    help="lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="epsilon of the smoothed targets")
     g = p.add_argument_group("evaluation on the held-out test split")
     g.add_argument("--beam-size", type=int, default=d.beam_size, help="> 1: also evaluate with beam search")
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty, help="GNMT alpha for beam search")
+    g.add_argument("--length-penalty", type=float, default=d.length_penalty,
+                   help="GNMT alpha of beam search (a finite number; see `npformer translate --help`)")
     g.add_argument("--n-test", type=int, default=d.n_test, help="test examples (distinct sources)")
-    g.add_argument("--eval-interval", type=int, default=None, help="evaluate and checkpoint every N steps "
-                                                                    "(default: at the end only)")
+    g.add_argument("--eval-interval", type=int, default=None, help="evaluate and checkpoint every N steps; "
+                                                                    "None: at the end only")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed, help="weights: seed, batches: seed + 1, dropout: seed + 2")
-    g.add_argument("--device", choices=backend.DEVICES, default=None, help="default: $NPFORMER_DEVICE or cpu")
-    g.add_argument("--out", default=None, help="run directory for checkpoints (default: out-seq2seq-TASK)")
+    g.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
+    g.add_argument("--out", default=None, help="run directory for checkpoints; None: out-seq2seq-TASK")
     g.add_argument("--attention-maps", action="store_true",
                    help="save PNGs of the attention weights for one test example (needs matplotlib)")
     p.set_defaults(run=run)

@@ -2,31 +2,56 @@
 
     npformer translate --ckpt out-seq2seq-numbers 1205            # one thousand two hundred five
     npformer translate --ckpt out-seq2seq-dates --beam-size 4 2026-11-29
+
+The input is first read the way the task writes its sources (Task.parse_source): a number with
+leading zeros is the number (000012 -> 12), a date may drop the leading zeros of its month and day
+(2026-1-5 -> 2026-01-05); an input outside the task's range is refused with a one-line error.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from .. import backend
+
+TEXT_HELP = ("the source text: copy and reverse: letters a..j; numbers: an integer 0 .. 999999, leading zeros "
+             "allowed (000012 reads as 12); dates: YYYY-MM-DD of the years 1900 .. 2099, month and day with or "
+             "without a leading zero (2026-1-5 reads as 2026-01-05)")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("translate", help="decode one input with a model trained by `npformer seq2seq`",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("text", help="the source text, e.g. 1205 for --task numbers")
-    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
-    p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search")
-    p.add_argument("--device", choices=backend.DEVICES, default=None)
+    p.add_argument("text", help=TEXT_HELP)
+    # required, so it has no default to show in --help
+    p.add_argument("--ckpt", required=True, default=argparse.SUPPRESS,
+                   help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--beam-size", type=int, default=1, help="hypotheses kept per step; 1: greedy decoding")
+    p.add_argument("--length-penalty", type=float, default=0.6,
+                   help="GNMT alpha of beam search, score = log P / ((5 + n) / 6) ** alpha for n tokens: 0 ranks "
+                        "by log P, larger values favour longer outputs, negative ones shorter; a finite number")
+    p.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
     p.set_defaults(run=run)
+
+
+def check_length_penalty(alpha: float) -> None:
+    """ValueError unless alpha is finite: nan scores every hypothesis nan (none ever finishes, the output
+    is empty) and inf scores every one longer than a token 0, so the search ends on an arbitrary one.
+    Any finite alpha is meaningful (negative favours short outputs) and keeps the search exact."""
+    if not math.isfinite(alpha):
+        raise ValueError(f"--length-penalty must be a finite number; got {alpha}")
 
 
 def translate(model, tok, meta: dict, text: str, beam_size: int = 1, length_penalty: float = 0.6) -> str:
     """The model's output text for one source text; ValueError for an input it cannot take."""
+    from ..data.tasks import TASKS
     from ..training.seq2seq import decode
+    check_length_penalty(length_penalty)
     if not text:
         raise ValueError("the input text is empty")
+    if tok.task in TASKS:
+        text = TASKS[tok.task]().parse_source(text)
     limit = min(int(meta.get("max_src_len", model.config.max_len)), model.config.max_len)
     if len(text) > limit:
         raise ValueError(f"the input has {len(text)} characters; this {meta.get('task', 'seq2seq')} model takes "
@@ -42,6 +67,7 @@ def run(args) -> None:
     from ..training.seq2seq import load_seq2seq
     if args.beam_size < 1:
         raise ValueError(f"--beam-size must be >= 1; got {args.beam_size}")
+    check_length_penalty(args.length_penalty)
     if not args.text:
         raise ValueError("the input text is empty")
     model, tok, meta = load_seq2seq(args.ckpt, device=args.device)

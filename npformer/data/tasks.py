@@ -10,6 +10,10 @@ source belongs to the test split when a hash of its text falls in the lowest `te
 buckets of 100 (BLAKE2b, stable across runs and machines). Train and test therefore never share
 an example, whatever the seeds, and the test set measures generalisation to unseen inputs.
 
+Task.parse_source reads a user's input in the form the task draws its sources, the only form a
+model has seen: numbers drop leading zeros ("000012" -> "12"), dates pad month and day
+("2026-1-5" -> "2026-01-05"); an input outside the task's range is a ValueError saying so.
+
 Token ids (both vocabularies): 0 = PAD, 1 = BOS, 2 = EOS, 3 + i = the i-th character of the sorted
 alphabet. Sources are characters only; targets are BOS y_1 .. y_n (decoder input) and
 y_1 .. y_n EOS (decoder output).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 
 import numpy as np
 
@@ -86,6 +91,13 @@ class Task:
 
     def target(self, src: str) -> str:
         raise NotImplementedError
+
+    def parse_source(self, text: str) -> str:
+        """text written as draw() writes sources; ValueError naming the expected form if it cannot be.
+
+        The base class returns text as it is (the tokenizer checks its characters, the model its length).
+        """
+        return text
 
     def split_of(self, src: str) -> str:
         return "test" if split_bucket(src) < self.test_percent else "train"
@@ -164,6 +176,15 @@ class NumbersTask(Task):
     def target(self, src: str) -> str:
         return number_to_words(int(src))
 
+    def parse_source(self, text: str) -> str:
+        """Digits of an integer 0 .. 999999; leading zeros are read as the number: "000012" -> "12"."""
+        if not text or not set(text) <= set(self.src_chars):
+            raise ValueError(f"numbers: the input must be an integer 0 .. 999999 in digits; got {text!r}")
+        digits = text.lstrip("0") or "0"
+        if len(digits) > self.max_src_len:
+            raise ValueError(f"numbers: {digits} is outside 0 .. 999999")
+        return digits
+
 
 class DatesTask(Task):
     """ISO dates "YYYY-MM-DD" of 1900 .. 2099 -> "D monthname YYYY" (day without a leading zero)."""
@@ -180,6 +201,20 @@ class DatesTask(Task):
     def target(self, src: str) -> str:
         d = datetime.date.fromisoformat(src)
         return f"{d.day} {_MONTHS[d.month - 1]} {d.year}"
+
+    def parse_source(self, text: str) -> str:
+        """A date YYYY-MM-DD of 1900 .. 2099, month and day with or without a leading zero:
+        "2026-1-5" -> "2026-01-05"."""
+        m = re.fullmatch(r"([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})", text)
+        if m is None:
+            raise ValueError(f"dates: the input must be a date YYYY-MM-DD, e.g. 2026-01-05; got {text!r}")
+        try:
+            d = datetime.date(*(int(g) for g in m.groups()))
+        except ValueError as exc:
+            raise ValueError(f"dates: {text} is not a date ({exc})") from None
+        if not self.first <= d.toordinal() <= self.last:
+            raise ValueError(f"dates: {text} is outside the years 1900 .. 2099")
+        return d.isoformat()
 
 
 TASKS = {t.name: t for t in (CopyTask, ReverseTask, NumbersTask, DatesTask)}

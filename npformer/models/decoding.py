@@ -74,6 +74,8 @@ def beam_search(model, src, bos_id: int, eos_id: int, beam_size: int = 4, length
         _check_int(name, tok, 0)
         if tok >= cfg.tgt_vocab_size:
             raise ValueError(f"beam_search: {name} {tok} is outside the target vocabulary of {cfg.tgt_vocab_size}")
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"beam_search: length_penalty must be a finite number; got {length_penalty}")
     if 1 + max_new_tokens > cfg.max_len:
         raise ValueError(f"beam_search: 1 + max_new_tokens = {1 + max_new_tokens} exceeds max_len {cfg.max_len}")
     was_training = model.training

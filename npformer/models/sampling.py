@@ -46,13 +46,16 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = Non
 
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
-             top_p: float = None, seed: int = 0, use_cache: bool = True) -> np.ndarray:
+             top_p: float = None, seed: int = 0, use_cache: bool = True, on_token=None) -> np.ndarray:
     """Extend idx (B, T) int by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens) on the host.
 
     With use_cache each step feeds only the newest token and reuses the keys and
     values of earlier positions. Once the context exceeds block_size, every step
     re-encodes the last block_size tokens (absolute positions shift), exactly as
     the uncached path does, so both give the same tokens for the same seed.
+
+    on_token, if given, is called after each step with that step's new tokens, a (B,) int64
+    host array of its own, e.g. to print text as it is produced; it does not change the result.
     """
     rng = np.random.default_rng(seed)
     idx = np.array(backend.to_numpy(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
@@ -76,6 +79,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
                 probs = filter_logits(last, temperature, top_k, top_p)
                 nxt = np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
                 idx = np.concatenate([idx, nxt[:, None]], axis=1)
+                if on_token is not None:
+                    on_token(idx[:, -1].copy())
     finally:
         model.train(was_training)
     return idx
