@@ -13,9 +13,10 @@ def load_gpt(path: str, device: str = None):
     """(model in eval mode, tokenizer) from a pretraining checkpoint or run directory.
 
     Raises CheckpointError when the checkpoint is not a GPT, or its weights do not
-    fit its own config.
+    fit its own config. A run whose latest checkpoint is damaged is not silently
+    replaced by an older one: the one-line error names the newest intact checkpoint.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, fallback=False)
     if ckpt.meta.get("model") != "gpt":
         raise CheckpointError(f"{ckpt.path} holds a {ckpt.meta.get('model')!r} model, not a GPT")
     try:
