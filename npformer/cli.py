@@ -5,9 +5,10 @@ Every expected failure (bad flags, bad data, bad checkpoint) prints one line,
 ``npformer: error: ...``, and exits with status 2; nothing already on disk is
 overwritten. Set NPFORMER_DEBUG=1 to see the full traceback instead.
 
-``npformer pretrain --out DIR --resume`` continues with the settings stored in
-DIR's checkpoint (all but --device); only the flags given again override them,
-e.g. ``--max-iters`` to train for longer.
+``npformer pretrain --out DIR --resume`` (and ``seq2seq --resume``) continues with the
+settings stored in DIR's newest intact checkpoint (all but --device and --workers); only the
+flags given again override them, e.g. ``--max-iters`` to train for longer. A run stopped by
+Ctrl-C or SIGTERM saves its last step first and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -22,12 +23,23 @@ import sys
 import numpy as np
 
 from . import backend, commands
+from .training.stopping import Interrupted
 
-def _pretrain_parser(sub, defaults=None):
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, except where X is None (the help then says
+    what None stands for) or a store_true flag's False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _pretrain_parser(sub):
     from .training.pretrain import PretrainConfig
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="train a GPT language model (the built-in toy language by default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, default=d.n_layer, help="Transformer blocks")
     g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads per block")
@@ -40,7 +52,8 @@ def _pretrain_parser(sub, defaults=None):
     g.add_argument("--max-iters", type=int, default=d.max_iters, help="training steps")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup-iters", type=int, default=d.warmup_iters, help="linear warm-up steps")
+    g.add_argument("--warmup-iters", type=int, default=None,
+                   help="linear warm-up steps (default: min(100, --max-iters // 10))")
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="cosine decay length (default: --max-iters; with --resume, the checkpoint's)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay (not on biases and norms)")
@@ -64,20 +77,32 @@ def _pretrain_parser(sub, defaults=None):
     g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer, help="character-level or byte-level BPE")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size for --tokenizer bpe")
     g.add_argument("--out", default=d.out, help="run directory for checkpoints, metrics.jsonl and loss.png")
+    g.add_argument("--keep", type=int, default=d.keep,
+                   help="checkpoints kept in --out, the newest (0: all); --resume falls back to an older "
+                        "one when the newest is damaged")
+    g.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume, continue even though the data file's contents changed")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the settings stored there "
                         "(flags given again override them)")
     g.add_argument("--samples", type=int, default=d.samples, help="samples printed at the end")
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens per final sample")
-    p.set_defaults(run=_run_pretrain, **(defaults or {}))
+    p.set_defaults(run=_run_pretrain)
 
 
-def _saved_settings(out: str) -> dict:
-    """The settings of the run whose checkpoint is in `out`, as flag defaults for --resume."""
+# commands that resume: (module, its config class, the checkpoint meta key that stores the settings)
+RESUMABLE = {"pretrain": ("npformer.training.pretrain", "PretrainConfig", "pretrain_config"),
+             "seq2seq": ("npformer.training.seq2seq", "Seq2SeqTrainConfig", "train_config"),
+             "finetune": ("npformer.training.finetune", "FinetuneConfig", "finetune_config")}
+NOT_INHERITED = {"out", "resume", "device", "workers", "allow_data_change"}
+
+
+def _saved_settings(command: str, out: str) -> dict:
+    """The settings of the run whose newest intact checkpoint is in `out`, as flag defaults for --resume."""
     from .training.checkpoint import load_meta
-    from .training.pretrain import PretrainConfig
-    saved = load_meta(out)[1].get("pretrain_config")
-    inherit = {f.name for f in dataclasses.fields(PretrainConfig)} - {"out", "resume", "device", "workers"}
+    module, cls, key = RESUMABLE[command]
+    saved = load_meta(out, fallback=True)[1].get(key)
+    inherit = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))} - NOT_INHERITED
     return {k: v for k, v in saved.items() if k in inherit} if isinstance(saved, dict) else {}
 
 
@@ -88,13 +113,16 @@ def _run_pretrain(args):
     pretrain(cfg)
 
 
-def build_parser(pretrain_defaults: dict = None) -> argparse.ArgumentParser:
-    """The argument parser; pretrain_defaults replace the pretrain flags' defaults (for --resume)."""
+def build_parser(resume_defaults: dict = None) -> argparse.ArgumentParser:
+    """The argument parser; resume_defaults {command: {flag dest: value}} replace those flags'
+    defaults (a resumed run's stored settings)."""
     parser = argparse.ArgumentParser(prog="npformer", description="npformer: a Transformer on NumPy/CuPy")
     sub = parser.add_subparsers(dest="command", required=True)
-    _pretrain_parser(sub, pretrain_defaults)
+    _pretrain_parser(sub)
     for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
         importlib.import_module(f"{commands.__name__}.{name}").add_parser(sub)
+    for command, defaults in (resume_defaults or {}).items():
+        sub.choices[command].set_defaults(**defaults)
     return parser
 
 
@@ -102,16 +130,30 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "pretrain" and args.resume:
-            args = build_parser(_saved_settings(args.out)).parse_args(argv)
+        if args.command in RESUMABLE and args.resume:
+            out = args.out or f"out-seq2seq-{args.task}"          # only seq2seq's --out has no fixed default
+            args = build_parser({args.command: _saved_settings(args.command, out)}).parse_args(argv)
         args.run(args)
-    except KeyboardInterrupt:
-        print("npformer: interrupted; checkpoints already written are intact (pretrain continues with --resume)", file=sys.stderr)
-        return 130
+    except Interrupted as exc:          # the run saved its last step (pretrain's GracefulStop)
+        print(f"npformer: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        print("npformer: interrupted; checkpoints already written are intact (pretrain continues with --resume)",
+              file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
+    except MemoryError:
+        if os.environ.get("NPFORMER_DEBUG"):
+            raise
+        print(f"npformer: error: out of memory in `npformer {args.command}`; checkpoints already written are "
+              f"intact; lower --batch-size or --block-size, or raise --shards", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError, FloatingPointError, IndexError) as exc:
         if os.environ.get("NPFORMER_DEBUG"):
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:    # "[Errno 28] ..." told without the errno
+            msg = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        else:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"npformer: error: {msg}", file=sys.stderr)
         return 2
     return 0

@@ -149,14 +149,22 @@ def test_new_run_errors(run, tmp_path, capsys, case):
     assert tree_digest(out_dir) == before
 
 
+def every_checkpoint(damage):
+    """Apply damage(checkpoint directory) to every checkpoint of a run, so none is left to fall back to."""
+    def apply(run_dir):
+        for name in os.listdir(run_dir):
+            if name.startswith("ckpt-"):
+                damage(os.path.join(run_dir, name))
+    return apply
+
+
 RESUME_ERRORS = {
-    "corrupt model.npz": (lambda d: flip(os.path.join(latest(d), "model.npz")), [], "model.npz is corrupt"),
-    "truncated optimizer.npz": (lambda d: cut(os.path.join(latest(d), "optimizer.npz"), 300),
+    "corrupt model.npz": (every_checkpoint(lambda c: flip(os.path.join(c, "model.npz"))), [], "model.npz is corrupt"),
+    "truncated optimizer.npz": (every_checkpoint(lambda c: cut(os.path.join(c, "optimizer.npz"), 300)),
                                 [], "optimizer.npz is corrupt or truncated"),
-    "corrupt meta.json": (lambda d: flip(os.path.join(latest(d), "meta.json"), 0), [], "meta.json is corrupt"),
-    "corrupt latest.json": (lambda d: _bytes(os.path.join(d, "latest.json"), b"{\"check"), [],
-                            "latest.json is corrupt"),
-    "missing checkpoint file": (lambda d: os.remove(os.path.join(latest(d), "tokenizer.json")), [],
+    "corrupt meta.json": (every_checkpoint(lambda c: flip(os.path.join(c, "meta.json"), 0)), [],
+                          "meta.json is corrupt"),
+    "missing checkpoint file": (every_checkpoint(lambda c: os.remove(os.path.join(c, "tokenizer.json"))), [],
                                 "tokenizer.json is missing"),
     "newer format version": (newer_version, [], f"format version {VERSION + 1}, newer"),
     "other n-embd": (lambda d: None, ["--n-embd", "32"], "n_embd (checkpoint 16, now 32)"),
@@ -188,6 +196,8 @@ def test_resume_when_the_data_gained_new_characters(tmp_path, capsys):
     with open(data, "a", encoding="utf-8") as f:
         f.write("Zürich " * 9)
     rc, _, err = cli(capsys, "pretrain", "--out", out_dir, "--resume", "--max-iters", "8")
+    assert_one_line_error(rc, err, "the training data changed")
+    rc, _, err = cli(capsys, "pretrain", "--out", out_dir, "--resume", "--max-iters", "8", "--allow-data-change")
     assert_one_line_error(rc, err, "character(s) not in the vocabulary")
     assert tree_digest(out_dir) == before
 

@@ -44,8 +44,8 @@ def root(tmp_path_factory):
 
 
 def run(root, out, **kw):
-    cfg = FinetuneConfig(ckpt=str(root / "pre"), max_iters=3, batch_size=8, lr=3e-3, device=DEVICE,
-                         out=str(root / out), **kw)
+    cfg = FinetuneConfig(**{**dict(ckpt=str(root / "pre"), max_iters=3, batch_size=8, lr=3e-3, device=DEVICE,
+                                   out=str(root / out)), **kw})
     return finetune(cfg, log=quiet)
 
 
@@ -177,9 +177,9 @@ def test_missing_and_corrupt_and_wrong_kind_of_checkpoint(root, full, tmp_path, 
 
 
 def test_out_holding_a_checkpoint_is_refused(root, full, capsys):
-    for target in ("full", "pre"):                                 # another run, or the pretraining run itself
-        assert_one_line_error(capsys, ["--ckpt", str(root / "pre"), "--out", str(root / target)],
-                              "already holds a checkpoint", root)
+    for target, match in (("full", "already holds a checkpoint"),                  # another fine-tuning run
+                          ("pre", "is a run directory of `npformer pretrain`")):     # the pretraining run
+        assert_one_line_error(capsys, ["--ckpt", str(root / "pre"), "--out", str(root / target)], match, root)
 
 
 def test_tokenizer_that_cannot_encode_the_task(tmp_path, capsys):
@@ -199,3 +199,37 @@ def test_block_size_shorter_than_the_examples(tmp_path, capsys):
     capsys.readouterr()
     assert_one_line_error(capsys, ["--ckpt", ckpt, "--out", str(tmp_path / "never")],
                           "reads at most 16 tokens (block_size)", tmp_path)
+
+
+def test_sigint_saves_and_resume_equals_the_uninterrupted_run(root, monkeypatch, capsys):
+    """Stopped by SIGINT at step 4 of 7 (mid-epoch: the batch order is in the checkpoint), resumed
+    through the CLI with only --out and --resume: the same weights and accuracy as a straight run."""
+    import signal
+
+    from npformer.training import finetune as finetune_module
+    from npformer.training.stopping import Interrupted
+    kw = dict(dropout=0.2, max_iters=7, keep=0)
+    straight = run(root, "straight7", **kw)
+    update = finetune_module.ProgressBar.update
+
+    def update_and_signal(self, step, *args):
+        update(self, step, *args)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(finetune_module.ProgressBar, "update", update_and_signal)
+    with pytest.raises(Interrupted, match="saved step 4 to"):
+        run(root, "stopped7", **kw)
+    monkeypatch.undo()
+    assert load_checkpoint(str(root / "stopped7")).step == 4
+    assert main(["finetune", "--out", str(root / "stopped7"), "--resume"]) == 0
+    assert f"test accuracy: {straight['test_accuracy']:.4f}" in capsys.readouterr().out
+    a, b = load_checkpoint(str(root / "straight7")), load_checkpoint(str(root / "stopped7"))
+    assert a.step == b.step == 7 and a.meta["metrics"] == b.meta["metrics"]
+    if DEVICE == "cpu":
+        for k in a.model_state:
+            np.testing.assert_array_equal(a.model_state[k], b.model_state[k], err_msg=k)
+
+
+def test_a_new_run_needs_ckpt(capsys, tmp_path):
+    assert main(["finetune", "--out", str(tmp_path / "ft")]) == 2
+    assert "--ckpt is required" in capsys.readouterr().err

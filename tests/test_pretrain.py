@@ -138,7 +138,7 @@ def test_shards_accumulate_gradients_and_resume_keeps_them(tmp_path):
     base = pretrain(tiny(tmp_path, "base", workers=2), log=quiet)
     full = pretrain(tiny(tmp_path, "a", workers=2, shards=4, dropout=0.2), log=quiet)
     pretrain(tiny(tmp_path, "b", workers=2, shards=4, dropout=0.2, max_iters=6, lr_decay_iters=12), log=quiet)
-    assert _saved_settings(str(tmp_path / "b"))["shards"] == 4
+    assert _saved_settings("pretrain", str(tmp_path / "b"))["shards"] == 4
     resumed = pretrain(tiny(tmp_path, "b", workers=2, shards=4, dropout=0.2, resume=True), log=quiet)
     assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
     assert resumed["val_loss"] == full["val_loss"]
@@ -265,7 +265,9 @@ def test_loss_png_written_when_matplotlib_is_importable(tmp_path, monkeypatch):
     with open(tmp_path / "with" / "loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
-    pretrain(tiny(tmp_path, "without", max_iters=4), log=quiet)
+    lines = []
+    pretrain(tiny(tmp_path, "without", max_iters=4), log=lines.append)
+    assert "no loss.png: matplotlib is not installed" in "\n".join(lines)       # said, not skipped silently
     assert os.path.exists(tmp_path / "without" / "metrics.jsonl")
     assert not os.path.exists(tmp_path / "without" / "loss.png")
 

@@ -102,7 +102,8 @@ def test_match_counts():
 def test_config_errors_name_the_flag():
     for kw, match in [(dict(task="sort"), "unknown task 'sort'"), (dict(d_model=10, nhead=4), "--d-model"),
                       (dict(max_iters=0), "--max-iters"), (dict(label_smoothing=1.0), "--label-smoothing"),
-                      (dict(beam_size=0), "--beam-size"), (dict(lr_factor=-1.0), "--lr-factor")]:
+                      (dict(beam_size=0), "--beam-size"), (dict(lr_factor=-1.0), "--lr-factor"),
+                      (dict(length_penalty=float("nan")), "--length-penalty must be a finite number")]:
         with pytest.raises(ValueError, match=match):
             Seq2SeqTrainConfig(**kw).checked()
     assert Seq2SeqTrainConfig(task="numbers").checked().out == "out-seq2seq-numbers"
@@ -196,3 +197,45 @@ def test_translate_errors_are_one_line_and_touch_nothing(run_copy, tmp_path, cap
         f.write(bytes([byte[0] ^ 0xFF]))
     rc, _, err = cli(capsys, "translate", "--ckpt", run_copy, "abc")
     assert_one_line_error(rc, err, "is corrupt or truncated (checksum mismatch)")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and --resume
+
+def test_sigint_saves_and_resume_equals_the_uninterrupted_run(run, tmp_path, monkeypatch):
+    """With dropout (its generator's state is in the checkpoint) and batches drawn from a seeded
+    generator, a run stopped by SIGINT at step 13 and resumed ends bit for bit where the straight one does."""
+    import signal
+
+    from npformer.training import seq2seq as s2s
+    from npformer.training.stopping import Interrupted
+    kw = {**TINY, "dropout": 0.1, "eval_interval": 20}
+    straight = train(Seq2SeqTrainConfig(task="copy", out=str(tmp_path / "a"), **kw), log=lambda *a: None)
+    update = s2s.ProgressBar.update
+
+    def update_and_signal(self, step, *args):
+        update(self, step, *args)
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(s2s.ProgressBar, "update", update_and_signal)
+    with pytest.raises(Interrupted, match=f"saved step 13 to {tmp_path / 'b'}; continue with --resume"):
+        train(Seq2SeqTrainConfig(task="copy", out=str(tmp_path / "b"), **kw), log=lambda *a: None)
+    monkeypatch.undo()
+    lines = []
+    resumed = train(Seq2SeqTrainConfig(task="copy", out=str(tmp_path / "b"), resume=True, **kw), log=lines.append)
+    assert any(f"resuming from {tmp_path / 'b' / 'ckpt-000013'} at step 13" in line for line in lines)
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    assert a.step == b.step == 40 and a.meta["run"]["batch_rng"] == b.meta["run"]["batch_rng"]
+    for k in a.model_state:
+        np.testing.assert_array_equal(a.model_state[k], b.model_state[k], err_msg=k)
+    assert resumed["greedy"] == straight["greedy"] and resumed["loss"] == straight["loss"]
+
+
+def test_cli_resume_takes_the_stored_settings(run_copy, capsys):
+    """--resume with only --out and a longer --max-iters: the model flags come from the checkpoint."""
+    rc, stdout, err = cli(capsys, "seq2seq", "--out", run_copy, "--resume", "--max-iters", "44")
+    assert rc == 0, err
+    assert f"resuming from {os.path.join(run_copy, 'ckpt-000040')} at step 40" in stdout
+    assert load_checkpoint(run_copy).step == 44
+    assert load_checkpoint(run_copy).meta["train_config"]["d_model"] == 16
+    rc, _, err = cli(capsys, "seq2seq", "--out", run_copy, "--resume", "--d-model", "32", "--max-iters", "48")
+    assert_one_line_error(rc, err, "d_model (checkpoint 16, now 32)")

@@ -3,11 +3,13 @@
     npformer finetune --ckpt out-pretrain --task sentiment                  # full fine-tuning
     npformer finetune --ckpt out-pretrain --task sentiment --freeze         # linear probe
     npformer finetune --ckpt out-pretrain --task sentiment --from-scratch   # same architecture, random init
+    npformer finetune --resume                                              # continue a stopped run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from .. import backend
 
@@ -17,9 +19,10 @@ def add_parser(subparsers) -> None:
     d = FinetuneConfig()
     p = subparsers.add_parser("finetune", help="fine-tune a pretrained GPT on a classification task",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # required, so it has no default to show in --help
-    p.add_argument("--ckpt", required=True, default=argparse.SUPPRESS,
-                   help="a pretraining run directory (its latest checkpoint) or a checkpoint")
+    # required for a new run (checked in run(), since --resume takes the run's own)
+    p.add_argument("--ckpt", default=None,
+                   help="a pretraining run directory (its latest checkpoint) or a checkpoint; None: only "
+                        "with --resume, which takes the run's own")
     p.add_argument("--task", choices=sorted(TASKS), default=d.task, help="the classification task")
     p.add_argument("--freeze", action="store_true", help="train only the classifier head (a linear probe)")
     p.add_argument("--from-scratch", action="store_true",
@@ -31,14 +34,19 @@ def add_parser(subparsers) -> None:
                    help="new weights: seed, batch order: seed + 1, dropout: seed + 2")
     p.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
     p.add_argument("--out", default=d.out, help="directory for the fine-tuned classifier's checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint, with the settings "
+                        "stored there (flags given again override them)")
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept in --out, the newest (0: all)")
     p.set_defaults(run=run)
 
 
 def run(args) -> None:
     from ..training.finetune import FinetuneConfig, finetune
-    cfg = FinetuneConfig(ckpt=args.ckpt, task=args.task, freeze=args.freeze, from_scratch=args.from_scratch,
-                         max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device=args.device, out=args.out)
+    if args.ckpt is None:
+        raise ValueError("--ckpt is required: the pretraining run to fine-tune (with --resume, the run's own)")
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
     summary = finetune(cfg)
     print(f"test accuracy: {summary['test_accuracy']:.4f} "
           f"({round(summary['test_accuracy'] * summary['n_test'])}/{summary['n_test']})")

@@ -2,6 +2,7 @@
 
     npformer seq2seq --task copy                     # ~1 minute on a CPU core, >= 99% exact match
     npformer seq2seq --task numbers --beam-size 4    # "1205" -> "one thousand two hundred five"
+    npformer seq2seq --task numbers --resume         # continue a stopped run (Ctrl-C saves its last step)
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="weights: seed, batches: seed + 1, dropout: seed + 2")
     g.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
     g.add_argument("--out", default=None, help="run directory for checkpoints; None: out-seq2seq-TASK")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint, with the settings "
+                        "stored there (flags given again override them)")
+    g.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept in --out, the newest (0: all)")
     g.add_argument("--attention-maps", action="store_true",
                    help="save PNGs of the attention weights for one test example (needs matplotlib)")
     p.set_defaults(run=run)

@@ -316,6 +316,15 @@ class ToyLanguage:
             b = nb
         return losses[1:]
 
+    def context_floor(self, block_size: int, exact_positions: int = 256) -> float:
+        """mean(windowed_loss(block_size)), the loss floor of a model with block_size characters of
+        context, computed in time that does not grow with block_size: positions past
+        `exact_positions` are taken at entropy_rate(), which the windowed loss has reached there
+        (it is within its Monte-Carlo noise of the rate after about a hundred characters)."""
+        n = min(block_size, exact_positions)
+        head = self.windowed_loss(n)
+        return float((head.sum() + (block_size - n) * self.entropy_rate()) / block_size)
+
 
 def default_corpus(n_train: int = 1_000_000, n_val: int = 100_000) -> tuple:
     """(train, val) texts for `npformer pretrain`: ToyLanguage(seed=0) sampled with seeds 1 and 2.

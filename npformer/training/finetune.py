@@ -38,6 +38,8 @@ from ..models.classifier import SequenceClassifier
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .rundir import RunDir, check_same_settings, load_for_resume
+from .stopping import GracefulStop
 from .loading import load_gpt
 from .progress import ProgressBar, format_seconds
 
@@ -45,6 +47,10 @@ MODEL_KIND = "sequence_classifier"
 
 # task name -> (function returning {"train", "val", "test"} -> (texts, labels), label names)
 TASKS = {"sentiment": (sentiment.sentiment_splits, sentiment.LABELS)}
+
+
+# settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
+RESUME_FIELDS = ("ckpt", "task", "freeze", "from_scratch", "batch_size", "seed", "dropout")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class FinetuneConfig:
     device: str = None                  # None: NPFORMER_DEVICE, else cpu
     eval_batch_size: int = 250
     out: str = "out-finetune"
+    resume: bool = False                # continue the run in out from its newest intact checkpoint
+    keep: int = 2                       # checkpoints kept (the newest); 0: all
 
     def checked(self) -> "FinetuneConfig":
         """Validate every field; return a copy with defaults filled in. Raises ValueError naming the flag."""
@@ -92,6 +100,8 @@ class FinetuneConfig:
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
         need(isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"--seed must be an integer >= 0; got {self.seed!r}")
+        need(isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 0,
+             f"--keep must be >= 0 (0 keeps all); got {self.keep!r}")
         device = self.device or backend.default_device()
         backend.check_device(device)
         return dataclasses.replace(self, min_lr=min_lr, warmup_iters=warmup, device=device)
@@ -146,15 +156,6 @@ def accuracy(model: SequenceClassifier, ids, lengths, labels, device: str, batch
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _check_out(out: str) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"--out {out} is a file, not a directory")
-    if os.path.isdir(out) and (os.path.exists(os.path.join(out, "latest.json"))
-                               or os.path.exists(os.path.join(out, "meta.json"))
-                               or any(d.startswith("ckpt-") for d in os.listdir(out))):
-        raise CheckpointError(f"{out} already holds a checkpoint; choose another --out")
-
-
 def load_classifier(path: str, device: str = None):
     """(SequenceClassifier in eval mode, tokenizer, meta) from a fine-tuning checkpoint."""
     ckpt = load_checkpoint(path)
@@ -180,11 +181,23 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
 
     Summary: init ("pretrained" or "scratch"), freeze, steps, train_loss (mean of the last 20
     steps), val_accuracy, test_accuracy, n_test, trainable (parameter count), seconds, out.
+    A run stopped by SIGINT/SIGTERM saves its last step (stopping.py); cfg.resume continues it.
     """
     t_start = time.perf_counter()
     cfg = cfg.checked()
     pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
-    _check_out(cfg.out)
+    with RunDir.claim(cfg.out, "finetune", resume=cfg.resume):
+        return _finetune(cfg, pretrained, tok, log, t_start)
+
+
+def _finetune(cfg: FinetuneConfig, pretrained, tok, log, t_start) -> dict:
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_for_resume(cfg.out, log)
+        check_same_settings(cfg.out, ckpt.meta.get("finetune_config", {}), cfg, RESUME_FIELDS)
+        if ckpt.step > cfg.max_iters:
+            raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
+                             f"in {cfg.out}; pass a larger --max-iters to continue")
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
     splits = make_splits()
@@ -204,50 +217,70 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     trainable = sum(p.size for p in model.trainable_parameters())
     opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
     order_rng = np.random.default_rng(cfg.seed + 1)
-    random.set_default_generator(cfg.device, backend.default_rng(cfg.seed + 2, cfg.device))
+    dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
     init = "scratch" if cfg.from_scratch else "pretrained"
+    ids, lengths, labels = data["train"]
+    perm, pos, start, recent = order_rng.permutation(len(labels)), 0, 0, []
+    if ckpt:
+        model.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer_state)
+        run = ckpt.meta["run"]
+        start, pos, recent = int(run["step"]), int(run["pos"]), list(run["recent"])
+        perm = np.asarray(run["perm"], dtype=np.int64)
+        backend.set_generator_state(order_rng, run["order_rng"])
+        backend.set_generator_state(dropout_rng, run["dropout_rng"])
+        log(f"resuming from {ckpt.path} at step {start}")
     log(f"{cfg.task}: {init} {'frozen backbone (linear probe)' if cfg.freeze else 'full fine-tuning'}, "
         f"{trainable:,} trainable parameters, {len(splits['train'][0]):,} train / {len(splits['val'][0]):,} val / "
         f"{len(splits['test'][0]):,} test examples, device {cfg.device}")
 
-    ids, lengths, labels = data["train"]
-    perm, pos = order_rng.permutation(len(labels)), 0
-    bar = ProgressBar(cfg.max_iters)
-    recent = []
-    for step in range(cfg.max_iters):
-        lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-        set_lr(opt, lr)
-        if pos + cfg.batch_size > len(perm):                 # next epoch: a fresh shuffle
-            perm, pos = order_rng.permutation(len(labels)), 0
-        rows = perm[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        idx, pad = make_batch(ids, lengths, rows, cfg.device)
-        _, loss = model(idx, backend.to_device(labels[rows], cfg.device), pad_mask=pad)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm(model.trainable_parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step + 1}; nothing was written "
-                                     f"(try a lower --lr)")
-        recent = (recent + [value])[-20:]
-        bar.update(step + 1, value, lr, int(lengths[rows].max()) * len(rows))
+    def save(step, metrics=None):
+        meta = {"model": MODEL_KIND, "backbone": "gpt", "model_config": config.to_dict(),
+                "classifier": {"num_classes": len(label_names), "pooling": model.pooling, "dropout": cfg.dropout},
+                "task": cfg.task, "labels": list(label_names), "source_checkpoint": os.path.abspath(cfg.ckpt),
+                "finetune_config": dataclasses.asdict(cfg),
+                "run": {"step": step, "pos": pos, "perm": perm.tolist(), "recent": recent,
+                        "order_rng": backend.generator_state(order_rng),
+                        "dropout_rng": backend.generator_state(dropout_rng)}}
+        if metrics is not None:
+            meta["metrics"] = metrics
+        host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+        opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
+        save_checkpoint(cfg.out, step, host, opt_state, tok, meta, keep=cfg.keep)
+
+    bar = ProgressBar(cfg.max_iters, start=start)
+    # dropout draws from dropout_rng on this thread for the loop only; a signal saves the last step
+    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop() as stop:
+        for step in range(start, cfg.max_iters):
+            lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+            set_lr(opt, lr)
+            if pos + cfg.batch_size > len(perm):                 # next epoch: a fresh shuffle
+                perm, pos = order_rng.permutation(len(labels)), 0
+            rows = perm[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            idx, pad = make_batch(ids, lengths, rows, cfg.device)
+            _, loss = model(idx, backend.to_device(labels[rows], cfg.device), pad_mask=pad)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                clip_grad_norm(model.trainable_parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step + 1}; nothing was written "
+                                         f"(try a lower --lr)")
+            recent = (recent + [value])[-20:]
+            bar.update(step + 1, value, lr, int(lengths[rows].max()) * len(rows))
+            if stop.requested:
+                save(step + 1)
+                raise stop.interrupted(step + 1, cfg.out)
 
     val_acc = accuracy(model, *data["val"], cfg.device, cfg.eval_batch_size)
     test_acc = accuracy(model, *data["test"], cfg.device, cfg.eval_batch_size)
     summary = {"init": init, "freeze": cfg.freeze, "steps": cfg.max_iters, "train_loss": float(np.mean(recent)),
                "val_accuracy": val_acc, "test_accuracy": test_acc, "n_test": len(data["test"][2]),
                "trainable": int(trainable), "seconds": time.perf_counter() - t_start, "out": cfg.out}
-    meta = {"model": MODEL_KIND, "backbone": "gpt", "model_config": config.to_dict(),
-            "classifier": {"num_classes": len(label_names), "pooling": model.pooling, "dropout": cfg.dropout},
-            "task": cfg.task, "labels": list(label_names), "source_checkpoint": os.path.abspath(cfg.ckpt),
-            "finetune_config": dataclasses.asdict(cfg),
-            "metrics": {k: summary[k] for k in ("init", "train_loss", "val_accuracy", "test_accuracy", "n_test")}}
-    host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
-    opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
-    save_checkpoint(cfg.out, cfg.max_iters, host, opt_state, tok, meta)
+    save(cfg.max_iters, {k: summary[k] for k in ("init", "train_loss", "val_accuracy", "test_accuracy", "n_test")})
     log(f"done in {format_seconds(summary['seconds'])}: val accuracy {val_acc:.4f}, "
         f"test accuracy {test_acc:.4f} ({round(test_acc * summary['n_test'])}/{summary['n_test']}); "
         f"checkpoint in {cfg.out}")

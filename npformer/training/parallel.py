@@ -83,6 +83,12 @@ def check_batch(x, y) -> None:
         raise ValueError(f"forward_backward: the batch is empty (x has shape {tuple(x.shape)})")
 
 
+def default_shards(tokens: int, threads: int, device: str) -> int:
+    """Shards of a batch of `tokens` when none are asked for: on the CPU about TOKENS_PER_SHARD
+    tokens each, a multiple of `threads`; on a GPU one."""
+    return threads * max(1, -(-tokens // (threads * TOKENS_PER_SHARD))) if device == "cpu" else 1
+
+
 def plan_shards(x, y, threads: int, shards, ignore_index: int, device: str):
     """Cut a batch for forward_backward: (shards, threads, [(x_i, y_i, weight_i, seed_i)]).
 
@@ -91,7 +97,7 @@ def plan_shards(x, y, threads: int, shards, ignore_index: int, device: str):
     the device's global generator.
     """
     if shards is None:
-        shards = threads * max(1, -(-x.size // (threads * TOKENS_PER_SHARD))) if device == "cpu" else 1
+        shards = default_shards(x.size, threads, device)
     elif isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
         raise ValueError(f"shards must be a positive integer; got {shards!r}")
     shards = min(int(shards), x.shape[0])

@@ -12,6 +12,13 @@ checkpoint: ``lr_decay_iters=None`` means the checkpoint's ``lr_decay_iters``
 (which was that run's ``max_iters`` unless given), not the new ``max_iters``.
 A new run never writes into an ``out`` that already holds a checkpoint.
 
+What protects the run (docs/pretraining.md, "When things go wrong"): ``out`` is claimed and
+locked (rundir.py); the memory a step needs is estimated and compared with what is available
+before anything large is allocated (memory.py); the checkpoint records the training data's size
+and SHA-256, and a resume on changed data is refused unless ``allow_data_change``; SIGINT/SIGTERM
+finish the step, save it and raise ``Interrupted`` (stopping.py); ``resume`` falls back to the
+newest intact checkpoint when the newest is damaged, and sets the damaged one aside.
+
 Run directory ``out``: the checkpoints (see checkpoint.py), ``loss.png`` (when
 matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 (every ``eval_interval`` steps and at ``max_iters``):
@@ -26,6 +33,7 @@ matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -44,8 +52,15 @@ from ..models.sampling import generate
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
 from . import workers as shard_workers
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, save_checkpoint
+from .memory import check_pretrain_memory, format_bytes
 from .progress import ProgressBar, format_seconds
+from .rundir import RunDir, check_same_settings, load_for_resume
+from .stopping import GracefulStop
+
+class OutOfMemory(RuntimeError):
+    """A MemoryError inside the training loop, told in one line with the flags that lower memory."""
+
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 
@@ -61,7 +76,7 @@ class PretrainConfig:
     max_iters: int = 1000
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_iters: int = 100
+    warmup_iters: int = None            # None: min(100, max_iters // 10)
     lr_decay_iters: int = None          # None: max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -80,6 +95,8 @@ class PretrainConfig:
     vocab_size: int = 512               # for --tokenizer bpe
     out: str = "out-pretrain"
     resume: bool = False
+    keep: int = 2                       # checkpoints kept (the newest); 0: all
+    allow_data_change: bool = False     # resume on data whose SHA-256 differs from the checkpoint's
     samples: int = 3
     sample_tokens: int = 200
 
@@ -95,9 +112,19 @@ class PretrainConfig:
         need(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number; got {self.lr}")
         need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr={self.lr}]; got {self.min_lr}")
-        need(self.warmup_iters >= 0, f"--warmup-iters must be >= 0; got {self.warmup_iters}")
+        warmup = min(100, self.max_iters // 10) if self.warmup_iters is None else self.warmup_iters
+        need(isinstance(warmup, int) and warmup >= 0, f"--warmup-iters must be >= 0; got {warmup}")
         decay = self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
-        need(decay > self.warmup_iters, f"--lr-decay-iters ({decay}) must exceed --warmup-iters ({self.warmup_iters})")
+        if not decay > warmup:
+            what_decay = ("--lr-decay-iters" if self.lr_decay_iters is not None
+                          else "--max-iters" if not self.resume else "the checkpoint's --lr-decay-iters")
+            what_warmup = ("--warmup-iters" if self.warmup_iters is not None
+                           else "the default --warmup-iters, min(100, --max-iters // 10)")
+            raise ValueError(f"the learning rate must warm up before it decays: {what_decay} ({decay}) must "
+                             f"exceed {what_warmup} ({warmup})")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+             f"--seed must be an integer >= 0; got {self.seed}")
+        need(isinstance(self.keep, int) and self.keep >= 0, f"--keep must be >= 0 (0 keeps all); got {self.keep}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1); got {self.beta1}, {self.beta2}")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
@@ -115,22 +142,50 @@ class PretrainConfig:
                                                 f"{device} use --workers 1 (or leave it out)")
         backend.check_device(device)
         workers = parallel.default_threads(device) if t is None else t
-        return dataclasses.replace(self, lr_decay_iters=decay, device=device, workers=workers)
+        return dataclasses.replace(self, warmup_iters=warmup, lr_decay_iters=decay, device=device, workers=workers)
 
 
 def _load_corpus(cfg: PretrainConfig):
-    """(train_text, val_text, entropy floor or None)."""
+    """(train_text, val_text, entropy floor or None, data fingerprint)."""
     if cfg.data is None:
         train, val = default_corpus()
-        return train, val, ToyLanguage(seed=0).entropy_rate()
+        return train, val, ToyLanguage(seed=0).entropy_rate(), data_fingerprint(None, train + val)
     text = load_text(cfg.data)
     n_val = max(1, len(text) // 10)
-    return text[:-n_val], text[-n_val:], None
+    return text[:-n_val], text[-n_val:], None, data_fingerprint(cfg.data, text)
 
 
-def _build_tokenizer(cfg, train_text, val_text):
+def data_fingerprint(path, text: str) -> dict:
+    """{"source", "bytes", "sha256"} of the training data: the file's bytes (what `sha256sum` prints),
+    or the built-in corpus's UTF-8 text."""
+    raw = text.encode("utf-8")
+    if path is not None:
+        with open(path, "rb") as f:
+            raw = f.read()
+    return {"source": "built-in toy language" if path is None else os.path.abspath(path),
+            "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _check_data_unchanged(cfg, saved: dict, now: dict, log) -> None:
+    if not isinstance(saved, dict):
+        log(f"note: the checkpoint in {cfg.out} records no data fingerprint (written by an older npformer); "
+            f"the data cannot be checked for changes")
+        return
+    if (saved.get("bytes"), saved.get("sha256")) == (now["bytes"], now["sha256"]):
+        return
+    what = (f"{now['source']} was {saved.get('bytes'):,} bytes with SHA-256 {str(saved.get('sha256'))[:16]}... "
+            f"when the checkpoint was written and is now {now['bytes']:,} bytes with SHA-256 {now['sha256'][:16]}...")
+    if not cfg.allow_data_change:
+        raise CheckpointError(f"--resume: the training data changed: {what}; restore the data, or pass "
+                              f"--allow-data-change to continue on the new data (the run is then no longer "
+                              f"an exact continuation)")
+    log(f"note: the training data changed ({what}); continuing on the new data as --allow-data-change asks")
+
+
+def _build_tokenizer(cfg, train_text, val_text, log):
     if cfg.tokenizer == "char":
         return CharTokenizer(train_text + val_text)
+    log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(train_text):,} characters")
     return ByteBPETokenizer().train(train_text, cfg.vocab_size)
 
 
@@ -139,52 +194,71 @@ def _run_state(cfg, step, sampler, dropout_rng, best_val):
             "dropout_rng": backend.generator_state(dropout_rng)}
 
 
+def eval_pieces(cfg) -> int:
+    """Pieces an evaluation batch is cut into: as many as a training step's shards, so that an
+    evaluation never holds more activations at once than one shard of a training step."""
+    pieces = cfg.shards or parallel.default_shards(cfg.batch_size * cfg.block_size, cfg.workers, cfg.device)
+    return min(pieces, cfg.batch_size)
+
+
 def evaluate(model, ids, cfg, seed: int) -> float:
-    """Mean loss over cfg.eval_iters batches drawn with a fixed seed (the same batches every time)."""
+    """Mean loss over cfg.eval_iters batches drawn with a fixed seed (the same batches every time).
+
+    Each (batch_size, block_size) batch runs in eval_pieces(cfg) pieces of rows, one after another;
+    every row has block_size targets, so the batch's loss is the row-weighted mean of the pieces'."""
     sampler = BatchSampler(ids, cfg.block_size, cfg.batch_size, seed=seed)
+    edges = np.linspace(0, cfg.batch_size, eval_pieces(cfg) + 1).astype(int)
     was_training = model.training
     model.eval()
     losses = []
     with no_grad():
         for _ in range(cfg.eval_iters):
             x, y = sampler.sample()
-            _, loss = model(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
-            losses.append(loss.item())
+            total = 0.0
+            for a, b in zip(edges[:-1], edges[1:]):
+                loss = model(backend.to_device(x[a:b], cfg.device), backend.to_device(y[a:b], cfg.device))[1]
+                total += loss.item() * (b - a)          # [1]: the piece's logits are freed at once
+            losses.append(total / cfg.batch_size)
     model.train(was_training)
     return float(np.mean(losses))
 
 
-def _check_resume_compatible(cfg, meta):
-    saved = meta.get("pretrain_config", {})
-    diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})"
-             for k in MODEL_FIELDS + ("tokenizer", "data", "seed", "batch_size")
-             if k in saved and saved[k] != getattr(cfg, k)]
-    if diffs:
-        raise CheckpointError(f"--resume: the checkpoint in {cfg.out} was made with other settings: " + ", ".join(diffs))
+def _out_of_memory(cfg, step: int, where: str, last_saved) -> OutOfMemory:
+    saved = (f"the last checkpoint (step {last_saved}) in {cfg.out} is intact" if last_saved is not None
+             else "no checkpoint was written yet")
+    return OutOfMemory(f"out of memory in the {where} of step {step}; {saved}; lower --batch-size "
+                       f"({cfg.batch_size}) or --block-size ({cfg.block_size}), or raise --shards "
+                       f"({eval_pieces(cfg)})")
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
     """Run (or resume) pretraining; return a summary dict of the final figures."""
+    if not cfg.resume:
+        cfg = cfg.checked()                 # every flag checked before --out is touched
+    with RunDir.claim(cfg.out, "pretrain", resume=cfg.resume):
+        return _pretrain(cfg, log)
+
+
+def _pretrain(cfg: PretrainConfig, log) -> dict:
     t_start = time.perf_counter()
     ckpt = None
     if cfg.resume:
-        ckpt = load_checkpoint(cfg.out)
+        ckpt = load_for_resume(cfg.out, log)
         saved_decay = ckpt.meta.get("pretrain_config", {}).get("lr_decay_iters")
         if cfg.lr_decay_iters is None and isinstance(saved_decay, int):
             cfg = dataclasses.replace(cfg, lr_decay_iters=saved_decay)     # the original schedule
-    cfg = cfg.checked()
-    if ckpt:
-        _check_resume_compatible(cfg, ckpt.meta)
+        cfg = cfg.checked()
+        check_same_settings(cfg.out, ckpt.meta.get("pretrain_config", {}), cfg,
+                            MODEL_FIELDS + ("tokenizer", "data", "seed", "batch_size"))
         if ckpt.step > cfg.max_iters:
             raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
                              f"in {cfg.out}; pass a larger --max-iters to continue")
-    elif os.path.isdir(cfg.out) and (os.path.exists(os.path.join(cfg.out, "latest.json"))
-                                     or any(d.startswith("ckpt-") for d in os.listdir(cfg.out))):
-        raise CheckpointError(f"{cfg.out} already holds a checkpoint; pass --resume to continue it "
-                              f"or choose another --out")
 
-    train_text, val_text, floor = _load_corpus(cfg)
-    tok = ckpt.tokenizer if ckpt else _build_tokenizer(cfg, train_text, val_text)
+    train_text, val_text, floor, fingerprint = _load_corpus(cfg)
+    if ckpt:
+        _check_data_unchanged(cfg, ckpt.meta.get("data_fingerprint"), fingerprint, log)
+    tok = ckpt.tokenizer if ckpt else _build_tokenizer(cfg, train_text, val_text, log)
+    estimate = check_pretrain_memory(cfg, tok.vocab_size, data_bytes=8 * (len(train_text) + len(val_text)))
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
     chars_per_token = (len(train_text) + len(val_text)) / max(1, len(train_ids) + len(val_ids))
     for name, ids in (("training", train_ids), ("validation", val_ids)):
@@ -199,14 +273,14 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
                 betas=(cfg.beta1, cfg.beta2))
     sampler = BatchSampler(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed + 1)
     dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
-    random.set_default_generator(cfg.device, dropout_rng)
-    step, best_val = 0, None
+    step, best_val, last_saved = 0, None, None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if ckpt:
         model.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
         run = ckpt.meta["run"]
         step, best_val = int(run["step"]), run["best_val"]
+        last_saved = step
         sampler.load_state_dict(run["sampler"])
         backend.set_generator_state(dropout_rng, run.get("dropout_rng"))
         _truncate_metrics(metrics_path, step)
@@ -218,27 +292,26 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
                 f"that kept {saved_workers} (pass --workers {saved_workers} to continue it exactly)")
         if step >= cfg.max_iters:
             log(f"the run in {cfg.out} is already at step {step} (--max-iters {cfg.max_iters}); nothing to do")
-    os.makedirs(cfg.out, exist_ok=True)
-    if not ckpt and os.path.exists(metrics_path):
+    elif os.path.exists(metrics_path):
         os.remove(metrics_path)                 # left by an earlier run that saved no checkpoint
 
-    # The entropy rate assumes unlimited context; a model that sees at most block_size
-    # characters cannot reach it at the start of a window. Report that floor too.
     context_floor = None
     if floor is not None and cfg.tokenizer == "char":
-        context_floor = float(ToyLanguage(seed=0).windowed_loss(cfg.block_size).mean())
+        context_floor = ToyLanguage(seed=0).context_floor(cfg.block_size)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"device {cfg.device}" + (f" ({cfg.workers} workers)" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
-        + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else ""))
+        + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else "")
+        + f"; memory: about {format_bytes(estimate.peak_bytes)} at peak")
 
     def save(at_step):
         meta = {"model": "gpt", "model_config": mcfg.to_dict(), "pretrain_config": dataclasses.asdict(cfg),
+                "data_fingerprint": fingerprint,
                 "run": _run_state(cfg, at_step, sampler, dropout_rng, best_val)}
         host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
         opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
-        save_checkpoint(cfg.out, at_step, host, opt_state, tok, meta)
+        save_checkpoint(cfg.out, at_step, host, opt_state, tok, meta, keep=cfg.keep)
 
     bar = ProgressBar(cfg.max_iters, start=step)
     tokens_per_step = cfg.batch_size * cfg.block_size
@@ -246,55 +319,65 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     val_loss = None
     model.train()
     train_seconds, steps_run = 0.0, 0
+    # The dropout generator is this thread's default for the loop only (restored afterwards).
     # Worker processes (or threads where there is no fork) each run the model on a share of
     # every batch; see docs/performance.md#cpu-threads.
-    workers = (shard_workers.ShardWorkers(model, cfg.workers)
-               if cfg.workers > 1 and shard_workers.available() else None)
+    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop() as stop:
+        workers = (shard_workers.ShardWorkers(model, cfg.workers)
+                   if cfg.workers > 1 and shard_workers.available() else None)
 
-    def step_fb(x, y):
-        if workers is not None:
-            return workers.forward_backward(x, y, shards=cfg.shards)
-        return parallel.forward_backward(model, x, y, cfg.workers, shards=cfg.shards)
+        def step_fb(x, y):
+            if workers is not None:
+                return workers.forward_backward(x, y, shards=cfg.shards)
+            return parallel.forward_backward(model, x, y, cfg.workers, shards=cfg.shards)
 
-    try:
-        while step < cfg.max_iters:
-            t_step = time.perf_counter()
-            lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-            set_lr(opt, lr)
-            x, y = sampler.sample()
-            with parallel.blas_context(cfg.workers):    # one-thread BLAS under data-parallel workers
-                train_loss = step_fb(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
-                if cfg.grad_clip > 0:
-                    clip_grad_norm(model.parameters(), cfg.grad_clip)
-                opt.step(threads=cfg.workers)
-            opt.zero_grad()
-            step += 1
-            train_seconds += time.perf_counter() - t_step
-            steps_run += 1
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
-                                         f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
-            bar.update(step, train_loss, lr, tokens_per_step)
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                tl = evaluate(model, train_ids, cfg, seed=cfg.seed + 3)
-                val_loss = evaluate(model, val_ids, cfg, seed=cfg.seed + 4)
-                best_val = val_loss if best_val is None else min(best_val, val_loss)
-                record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
-                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
-                _append_metrics(metrics_path, record)
-                gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
-                bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
-                save(step)
-
-    finally:
-        if workers is not None:
-            workers.close()
+        where = "training step"
+        try:
+            while step < cfg.max_iters:
+                t_step = time.perf_counter()
+                lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+                set_lr(opt, lr)
+                x, y = sampler.sample()
+                where = "training step"
+                with parallel.blas_context(cfg.workers):    # one-thread BLAS under data-parallel workers
+                    train_loss = step_fb(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
+                    if cfg.grad_clip > 0:
+                        clip_grad_norm(model.parameters(), cfg.grad_clip)
+                    opt.step(threads=cfg.workers)
+                opt.zero_grad()
+                step += 1
+                train_seconds += time.perf_counter() - t_step
+                steps_run += 1
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
+                                             f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
+                bar.update(step, train_loss, lr, tokens_per_step)
+                if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                    where = "evaluation"
+                    tl = evaluate(model, train_ids, cfg, seed=cfg.seed + 3)
+                    val_loss = evaluate(model, val_ids, cfg, seed=cfg.seed + 4)
+                    best_val = val_loss if best_val is None else min(best_val, val_loss)
+                    record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
+                              "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                    _append_metrics(metrics_path, record)
+                    gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
+                    bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
+                    save(step)
+                    last_saved = step
+                if stop.requested:
+                    if last_saved != step:
+                        save(step)
+                    raise stop.interrupted(step, cfg.out)
+        except MemoryError:
+            raise _out_of_memory(cfg, step + (where == "training step"), where, last_saved) from None
+        finally:
+            if workers is not None:
+                workers.close()
 
     summary = {"step": step, "val_loss": val_loss, "best_val": best_val, "entropy_floor": floor,
                "context_floor": context_floor,
                "ms_per_iter": 1000 * train_seconds / steps_run if steps_run else None,
-               "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token,
-               "seconds": time.perf_counter() - t_start, "out": cfg.out}
+               "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
     if floor and val_loss is not None:
         summary["gap_percent"] = 100 * (summary["val_loss_per_char"] / floor - 1)
     _plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor, log)
@@ -302,6 +385,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         prompt = tok.encode(val_text[:1]).reshape(1, -1)
         ids = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=None, seed=cfg.seed + 10 + i)
         log(f"--- sample {i + 1} ---\n{tok.decode(ids[0])}")
+    summary["seconds"] = time.perf_counter() - t_start
     log(f"done in {format_seconds(summary['seconds'])}: "
         + ("no steps taken" if val_loss is None else f"val loss {val_loss:.4f}")
         + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
@@ -338,6 +422,7 @@ def _plot_losses(metrics_path, png_path, floor, log):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        log("no loss.png: matplotlib is not installed (pip install matplotlib); the losses are in metrics.jsonl")
         return
     if not os.path.exists(metrics_path):
         return

@@ -34,7 +34,12 @@ from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
+from .rundir import RunDir, check_same_settings, load_for_resume
+from .stopping import GracefulStop
 
+# settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
+RESUME_FIELDS = ("task", "d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "batch_size", "warmup",
+                 "lr_factor", "label_smoothing", "seed")
 # optimizer steps per task when --max-iters is not given (see docs/seq2seq.md for what they reach)
 DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800}
 
@@ -61,6 +66,8 @@ class Seq2SeqTrainConfig:
     device: str = None                  # None: NPFORMER_DEVICE, else cpu
     out: str = None                     # None: out-seq2seq-{task}
     attention_maps: bool = False
+    resume: bool = False                # continue the run in out from its newest intact checkpoint
+    keep: int = 2                       # checkpoints kept (the newest); 0: all
 
     def checked(self) -> "Seq2SeqTrainConfig":
         """Validate every field (ValueError naming the flag); fill in the defaults."""
@@ -80,6 +87,10 @@ class Seq2SeqTrainConfig:
             raise ValueError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
         if not (self.lr_factor > 0 and math.isfinite(self.lr_factor)):
             raise ValueError(f"--lr-factor must be a positive number; got {self.lr_factor}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
+            raise ValueError(f"--keep must be >= 0 (0 keeps all); got {self.keep!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number; got {self.length_penalty}")
         interval = max_iters if self.eval_interval is None else self.eval_interval
         if interval < 1:
             raise ValueError(f"--eval-interval must be a positive integer; got {interval}")
@@ -139,11 +150,20 @@ def evaluate(model, tok, pairs, beam_size: int = 1, length_penalty: float = 0.6,
 
 
 def train(cfg: Seq2SeqTrainConfig, log=print) -> dict:
-    """Train, evaluate and checkpoint one run; return a summary dict of the measured figures."""
+    """Train (or, with cfg.resume, continue), evaluate and checkpoint one run; return a summary dict."""
     cfg = cfg.checked()
-    if os.path.isdir(cfg.out) and (os.path.exists(os.path.join(cfg.out, "latest.json"))
-                                   or any(d.startswith("ckpt-") for d in os.listdir(cfg.out))):
-        raise CheckpointError(f"{cfg.out} already holds a checkpoint; choose another --out")
+    with RunDir.claim(cfg.out, "seq2seq", resume=cfg.resume):
+        return _train(cfg, log)
+
+
+def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_for_resume(cfg.out, log)
+        check_same_settings(cfg.out, ckpt.meta.get("train_config", {}), cfg, RESUME_FIELDS)
+        if ckpt.step > cfg.max_iters:
+            raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
+                             f"in {cfg.out}; pass a larger --max-iters to continue")
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
     test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3)
@@ -151,45 +171,63 @@ def train(cfg: Seq2SeqTrainConfig, log=print) -> dict:
     model = Seq2SeqTransformer(mcfg, generator=np.random.default_rng(cfg.seed), device=cfg.device)
     opt = Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     batch_rng = np.random.default_rng(cfg.seed + 1)
-    random.set_default_generator(cfg.device, backend.default_rng(cfg.seed + 2, cfg.device))
+    dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
+    start, train_seconds, results = 0, 0.0, {}
+    if ckpt:
+        model.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer_state)
+        run = ckpt.meta["run"]
+        start, train_seconds, results = int(run["step"]), float(run["train_seconds"]), ckpt.meta["results"]
+        backend.set_generator_state(batch_rng, run["batch_rng"])
+        backend.set_generator_state(dropout_rng, run["dropout_rng"])
+        log(f"resuming from {ckpt.path} at step {start}")
     log(f"task {cfg.task}: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.src_vocab_size} -> "
         f"{tok.tgt_vocab_size}, max_len {mcfg.max_len}, {len(test_pairs)} held-out test examples, device {cfg.device}")
 
     def save(step, results):
         meta = {"model": "seq2seq", "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                "task": cfg.task, "max_src_len": task.max_src_len, "results": results}
+                "task": cfg.task, "max_src_len": task.max_src_len, "results": results,
+                "run": {"step": step, "train_seconds": train_seconds, "batch_rng": backend.generator_state(batch_rng),
+                        "dropout_rng": backend.generator_state(dropout_rng)}}
         host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
         opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
-        save_checkpoint(cfg.out, step, host, opt_state, tok, meta)
+        save_checkpoint(cfg.out, step, host, opt_state, tok, meta, keep=cfg.keep)
 
-    bar = ProgressBar(cfg.max_iters)
-    train_seconds, results = 0.0, {}
+    bar = ProgressBar(cfg.max_iters, start=start)
+    last_saved = start if ckpt else None
     model.train()
-    for step in range(1, cfg.max_iters + 1):
-        t0 = time.perf_counter()
-        lr = noam(step, cfg.d_model, cfg.warmup, cfg.lr_factor)
-        set_lr(opt, lr)
-        batch = make_batch(tok, task.batch(batch_rng, cfg.batch_size))       # (B, S), (B, T), (B, T)
-        src, tgt_in, tgt_out = (backend.to_device(a, cfg.device) for a in batch)
-        loss = loss_fn(model, src, tgt_in, tgt_out, cfg.label_smoothing)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        value = loss.item()
-        train_seconds += time.perf_counter() - t0
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step} (try a lower --lr-factor)")
-        bar.update(step, value, lr, int((tgt_out != PAD).sum()))
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            results = {"step": step, "loss": value, "train_seconds": round(train_seconds, 3),
-                       "greedy": evaluate(model, tok, test_pairs)}
-            if cfg.beam_size > 1 and step == cfg.max_iters:
-                results["beam"] = {"beam_size": cfg.beam_size, **evaluate(model, tok, test_pairs, cfg.beam_size,
-                                                                         cfg.length_penalty)}
-            bar.message(f"step {step}: " + "; ".join(
-                f"{k} exact match {100 * r['exact_match']:.1f}%, token accuracy {100 * r['token_accuracy']:.2f}%"
-                for k, r in results.items() if isinstance(r, dict)))
-            save(step, results)
+    # dropout draws from dropout_rng on this thread for the loop only; a signal saves the last step
+    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop() as stop:
+        for step in range(start + 1, cfg.max_iters + 1):
+            t0 = time.perf_counter()
+            lr = noam(step, cfg.d_model, cfg.warmup, cfg.lr_factor)
+            set_lr(opt, lr)
+            batch = make_batch(tok, task.batch(batch_rng, cfg.batch_size))       # (B, S), (B, T), (B, T)
+            src, tgt_in, tgt_out = (backend.to_device(a, cfg.device) for a in batch)
+            loss = loss_fn(model, src, tgt_in, tgt_out, cfg.label_smoothing)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            value = loss.item()
+            train_seconds += time.perf_counter() - t0
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step} (try a lower --lr-factor)")
+            bar.update(step, value, lr, int((tgt_out != PAD).sum()))
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                results = {"step": step, "loss": value, "train_seconds": round(train_seconds, 3),
+                           "greedy": evaluate(model, tok, test_pairs)}
+                if cfg.beam_size > 1 and step == cfg.max_iters:
+                    results["beam"] = {"beam_size": cfg.beam_size, **evaluate(model, tok, test_pairs, cfg.beam_size,
+                                                                             cfg.length_penalty)}
+                bar.message(f"step {step}: " + "; ".join(
+                    f"{k} exact match {100 * r['exact_match']:.1f}%, token accuracy {100 * r['token_accuracy']:.2f}%"
+                    for k, r in results.items() if isinstance(r, dict)))
+                save(step, results)
+                last_saved = step
+            if stop.requested:
+                if last_saved != step:
+                    save(step, results)
+                raise stop.interrupted(step, cfg.out)
     model.eval()
     for src_text, tgt_text in test_pairs[:3]:
         got = tok.decode(decode(model, tok, make_batch(tok, [(src_text, tgt_text)])[0])[0, 1:])

@@ -1,0 +1,206 @@
+"""Run directories: the one place where ``pretrain``, ``seq2seq`` and ``finetune`` claim their ``--out``.
+
+    with RunDir.claim("out-pretrain", "pretrain", resume=False) as run:
+        ...                                 # only this process writes into run.path now
+
+A run directory holds a marker ``run.json`` ({"format": "npformer-run", "command": ...}),
+the checkpoints (checkpoint.py), and ``.lock``, a file held with an exclusive OS advisory lock
+(``flock``) for as long as the run lives. The kernel drops the lock when the process ends, however
+it ends, so a SIGKILLed run never leaves a stale lock behind; worker processes forked by the run
+share its lock. A second process that claims the same directory is refused at once with the
+holder's process id.
+
+``claim`` refuses, before it creates or writes anything, every path that is not a run directory
+of the command: a file, a checkpoint directory inside a run, another command's run, a non-empty
+folder that holds no run. Without ``resume`` it also refuses a run that already has a checkpoint
+(a new run never writes over an old one); the caller checks that a resumed run has one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_meta, set_aside_damaged
+
+try:
+    import fcntl
+except ImportError:                         # not POSIX: runs are not locked (documented in pretraining.md)
+    fcntl = None
+
+MARKER = "run.json"
+LOCK = ".lock"
+FORMAT = "npformer-run"
+# files a run writes besides its checkpoints: a folder holding only these is a run that saved none
+LEFT_BY_A_RUN = {LOCK, MARKER, "metrics.jsonl", "loss.png"}
+# checkpoint meta["model"] -> the command that writes such runs (for runs made before run.json existed)
+COMMAND_OF_MODEL = {"gpt": "pretrain", "seq2seq": "seq2seq", "sequence_classifier": "finetune"}
+
+
+class RunDirError(CheckpointError):
+    """--out cannot be used: not a run directory of this command, or in use by another process."""
+
+
+def _has_checkpoint(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "latest.json")) or any(
+        d.startswith("ckpt-") for d in os.listdir(path))
+
+
+def _checkpoint_parent(path: str):
+    """The run directory that `path` is a checkpoint (or a set-aside or half-written one) of, else None."""
+    name = os.path.basename(os.path.normpath(path))
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return parent
+    if name.startswith(("ckpt-", "damaged-ckpt-", ".tmp-ckpt-")) and (
+            os.path.isfile(os.path.join(parent, MARKER)) or _has_checkpoint(parent)):
+        return parent
+    return None
+
+
+def command_of(path: str):
+    """The command whose run directory `path` is ("pretrain", ...), None for an empty or new folder.
+
+    Raises RunDirError for anything else (a file, a checkpoint inside a run, an unrelated folder)."""
+    if not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        raise RunDirError(f"{path} is a file, not a run directory; pass a directory for --out")
+    parent = _checkpoint_parent(path)
+    if parent is not None:
+        rel = os.path.relpath(parent)
+        raise RunDirError(f"{path} is a checkpoint directory inside the run {rel}, not a run directory; "
+                          f"pass --out {rel}")
+    marker = os.path.join(path, MARKER)
+    if os.path.isfile(marker):
+        try:
+            with open(marker, encoding="utf-8") as f:
+                info = json.load(f)
+            if info.get("format") == FORMAT and isinstance(info.get("command"), str):
+                return info["command"]
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            pass
+        raise RunDirError(f"{marker} is not an npformer run marker; choose another --out")
+    if _has_checkpoint(path):                   # a run written before run.json existed
+        try:
+            model = load_meta(path, fallback=True)[1].get("model")
+        except CheckpointError:
+            model = None
+        if model in COMMAND_OF_MODEL:
+            return COMMAND_OF_MODEL[model]
+        raise RunDirError(f"{path} holds checkpoints that npformer cannot attribute to a command; "
+                          f"choose another --out")
+    if [e for e in os.listdir(path) if e not in LEFT_BY_A_RUN]:
+        raise RunDirError(f"{path} is a folder that holds no npformer run and is not empty; "
+                          f"choose a new or empty directory for --out")
+    return None
+
+
+def load_for_resume(out: str, log):
+    """The checkpoint a resumed run continues from: the newest intact one in `out`. Damaged newer
+    ones are named in the log and set aside as damaged-ckpt-* (kept for inspection, never reused)."""
+    ckpt = load_checkpoint(out, fallback=True)
+    if ckpt.damaged:
+        for _, reason in ckpt.damaged:
+            log(f"warning: {reason}")
+        for moved in set_aside_damaged(out, ckpt.damaged, ckpt.path):
+            log(f"warning: the damaged checkpoint is kept for inspection as {moved}")
+        log(f"continuing from the newest intact checkpoint, {ckpt.path} (step {ckpt.step})")
+    return ckpt
+
+
+def check_same_settings(out: str, saved: dict, cfg, fields) -> None:
+    """Refuse to resume the run in `out` with settings (`fields` of cfg) other than the checkpoint's."""
+    diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})"
+             for k in fields if k in saved and saved[k] != getattr(cfg, k)]
+    if diffs:
+        raise CheckpointError(f"--resume: the checkpoint in {out} was made with other settings: " + ", ".join(diffs))
+
+
+def _describe_os_error(path: str, exc: OSError) -> str:
+    reason = {errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only",
+              errno.ENOSPC: "no space left on the device", errno.ENOTDIR: "a part of the path is a file",
+              errno.EPERM: "operation not permitted"}.get(exc.errno, exc.strerror or type(exc).__name__)
+    return f"--out {path} cannot be written: {reason}"
+
+
+def _read_pid(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+
+
+def _holder(path: str):
+    """The process id (as text) of the live process that holds `path`'s lock, else None."""
+    if fcntl is None or not os.path.isfile(os.path.join(path, LOCK)):
+        return None
+    fd = os.open(os.path.join(path, LOCK), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)                        # also releases the probe's lock
+    return None
+
+
+class RunDir:
+    """An exclusively locked run directory; `claim` it, use `.path`, `close` (or leave the `with`)."""
+
+    def __init__(self, path: str, command: str, fd: int, created: bool = False):
+        self.path, self.command, self._fd = path, command, fd
+        self.created = created              # this claim made the directory
+
+    @classmethod
+    def claim(cls, path: str, command: str, resume: bool = False) -> "RunDir":
+        """Check `path` is usable as `command`'s run directory, create it, lock it, mark it."""
+        kind = command_of(path)
+        if kind is not None and kind != command:
+            raise RunDirError(f"{path} is a run directory of `npformer {kind}`, not of `npformer {command}`; "
+                              f"choose another --out")
+        holder = _holder(path)
+        if holder is not None:
+            raise RunDirError(f"{path} is in use by process {holder}; wait for it to finish or choose another --out")
+        if not resume and os.path.isdir(path) and _has_checkpoint(path):
+            hint = "pass --resume to continue it or choose another --out" if command == "pretrain" \
+                else "choose another --out"
+            raise RunDirError(f"{path} already holds a checkpoint; {hint}")
+        created = not os.path.exists(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError(_describe_os_error(path, exc)) from None
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RunDirError(f"{path} is in use by process {_read_pid(fd)}; wait for it to finish "
+                                      f"or choose another --out") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            if kind is None:
+                atomic_write_text(os.path.join(path, MARKER),
+                                  json.dumps({"format": FORMAT, "command": command}) + "\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, command, fd, created)
+
+    def close(self) -> None:
+        """Release the lock (the kernel also does when the process ends)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # A run that failed before it wrote anything leaves no directory behind.
+        if exc_type is not None and self.created and set(os.listdir(self.path)) <= {MARKER, LOCK}:
+            for name in (MARKER, LOCK):
+                if os.path.exists(os.path.join(self.path, name)):
+                    os.remove(os.path.join(self.path, name))
+            os.rmdir(self.path)
+        self.close()
