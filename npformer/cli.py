@@ -20,8 +20,6 @@ import pkgutil
 import os
 import sys
 
-import numpy as np
-
 from . import backend, commands
 from .training.stopping import Interrupted
 
@@ -138,7 +136,7 @@ def main(argv=None) -> int:
         print(f"npformer: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print("npformer: interrupted; checkpoints already written are intact (pretrain continues with --resume)",
+        print("npformer: interrupted; checkpoints already written are intact (continue with --resume)",
               file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)
     except MemoryError:

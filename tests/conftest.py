@@ -34,6 +34,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    """NPFORMER_DEBUG unset: the CLI's errors are one line, never a traceback, in every test."""
+    monkeypatch.delenv("NPFORMER_DEBUG", raising=False)
+
+
 @pytest.fixture
 def device():
     """The device under test: "cpu" or "gpu"."""

@@ -35,3 +35,18 @@ def shared_data_path(name="tinyshakespeare.txt"):
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (tests that need ../shared/data skip without it)")
     return path
+
+
+def signal_at_steps(monkeypatch, steps, signum=None):
+    """Send `signum` (SIGINT by default) to this process as a training loop's progress bar reports
+    each step in `steps` (pretrain, seq2seq and finetune all report through ProgressBar.update)."""
+    import signal
+
+    from npformer.training.progress import ProgressBar
+    update = ProgressBar.update
+
+    def update_and_signal(self, step, *args):
+        update(self, step, *args)
+        if step in steps:
+            os.kill(os.getpid(), signal.SIGINT if signum is None else signum)
+    monkeypatch.setattr(ProgressBar, "update", update_and_signal)

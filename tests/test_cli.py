@@ -22,10 +22,6 @@ NANOGPT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--block-size", "--batch-s
                  "--resume"]
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("NPFORMER_DEBUG", raising=False)       # errors must be one line, no traceback
-
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):

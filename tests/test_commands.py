@@ -35,10 +35,6 @@ ASCII_TEXT = "the cat sat on the mat. a dog ran to the big red barn and sat down
 UNICODE_TEXT = "the café in Zürich serves crème brûlée — 東京 and 😀 too. " * 12
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("NPFORMER_DEBUG", raising=False)       # errors must be one line, no traceback
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

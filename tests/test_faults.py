@@ -19,18 +19,8 @@ from npformer.training import pretrain as pretrain_module
 from npformer.training.checkpoint import CheckpointError, load_checkpoint
 from npformer.training.pretrain import PretrainConfig, pretrain
 from npformer.training.stopping import Interrupted, StopNow
+from tests.helpers import signal_at_steps
 from tests.test_pretrain import REPO, assert_same_checkpoint, losses, quiet, read_metrics, tiny, write_corpus
-
-
-def signal_at(monkeypatch, steps, signum=signal.SIGINT):
-    """Send `signum` to this process as the progress bar reports each step in `steps`."""
-    update = pretrain_module.ProgressBar.update
-
-    def update_and_signal(self, step, *args):
-        update(self, step, *args)
-        if step in steps:
-            os.kill(os.getpid(), signum)
-    monkeypatch.setattr(pretrain_module.ProgressBar, "update", update_and_signal)
 
 
 def errors(stderr: str) -> list:
@@ -43,7 +33,7 @@ def errors(stderr: str) -> list:
 @pytest.mark.parametrize("dropout,workers,k", [(0.0, 1, 5), (0.2, 1, 7), (0.2, 2, 3), (0.0, 3, 10)])
 def test_sigint_saves_the_step_and_resume_equals_uninterrupted(tmp_path, monkeypatch, dropout, workers, k):
     straight = pretrain(tiny(tmp_path, "a", dropout=dropout, workers=workers), log=quiet)
-    signal_at(monkeypatch, {k})
+    signal_at_steps(monkeypatch, {k})
     with pytest.raises(Interrupted) as info:
         pretrain(tiny(tmp_path, "b", dropout=dropout, workers=workers), log=quiet)
     assert (info.value.step, info.value.exit_code) == (k, 130)
@@ -58,7 +48,7 @@ def test_sigint_saves_the_step_and_resume_equals_uninterrupted(tmp_path, monkeyp
 
 
 def test_sigterm_on_an_evaluation_step_saves_once_and_exits_143(tmp_path, monkeypatch):
-    signal_at(monkeypatch, {4}, signal.SIGTERM)                # step 4 evaluates and checkpoints anyway
+    signal_at_steps(monkeypatch, {4}, signal.SIGTERM)                # step 4 evaluates and checkpoints anyway
     saves = []
     save = pretrain_module.save_checkpoint
     monkeypatch.setattr(pretrain_module, "save_checkpoint", lambda *a, **kw: saves.append(a[1]) or save(*a, **kw))
@@ -68,7 +58,7 @@ def test_sigterm_on_an_evaluation_step_saves_once_and_exits_143(tmp_path, monkey
 
 
 def test_second_sigint_during_the_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    signal_at(monkeypatch, {6})                                 # step 4 was checkpointed; 6 is not
+    signal_at_steps(monkeypatch, {6})                                 # step 4 was checkpointed; 6 is not
     write = checkpoint_module._write_file
 
     def interrupted_write(path, fn):

@@ -15,7 +15,7 @@ from npformer.training.finetune import (FinetuneConfig, accuracy, encode_split, 
                                         make_batch)
 from npformer.training.loading import load_gpt
 from npformer.training.pretrain import PretrainConfig, pretrain
-from tests.helpers import DEVICE, host
+from tests.helpers import DEVICE, host, signal_at_steps
 from tests.test_pretrain import tree_digest, write_corpus
 
 TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=16, block_size=64, batch_size=4, max_iters=4, warmup_iters=1,
@@ -53,10 +53,6 @@ def run(root, out, **kw):
 def full(root):
     return run(root, "full")
 
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("NPFORMER_DEBUG", raising=False)
 
 
 def test_full_finetuning_end_to_end_and_round_trip(root, full):
@@ -204,19 +200,10 @@ def test_block_size_shorter_than_the_examples(tmp_path, capsys):
 def test_sigint_saves_and_resume_equals_the_uninterrupted_run(root, monkeypatch, capsys):
     """Stopped by SIGINT at step 4 of 7 (mid-epoch: the batch order is in the checkpoint), resumed
     through the CLI with only --out and --resume: the same weights and accuracy as a straight run."""
-    import signal
-
-    from npformer.training import finetune as finetune_module
     from npformer.training.stopping import Interrupted
     kw = dict(dropout=0.2, max_iters=7, keep=0)
     straight = run(root, "straight7", **kw)
-    update = finetune_module.ProgressBar.update
-
-    def update_and_signal(self, step, *args):
-        update(self, step, *args)
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(finetune_module.ProgressBar, "update", update_and_signal)
+    signal_at_steps(monkeypatch, {4})
     with pytest.raises(Interrupted, match="saved step 4 to"):
         run(root, "stopped7", **kw)
     monkeypatch.undo()

@@ -32,6 +32,23 @@ def write_corpus(path, n_words=400, seed=0):
     return path
 
 
+CLI = [sys.executable, "-m", "npformer.cli"]
+CLI_ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def start_until_checkpoint(flags, out):
+    """A `npformer pretrain` process on `flags` into `out`, returned once its first checkpoint is written."""
+    proc = subprocess.Popen(CLI + ["pretrain", *flags, "--out", out], env=CLI_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(out, "latest.json")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no checkpoint within 60 s: {proc.communicate()[1].decode()}")
+        time.sleep(0.01)
+    return proc
+
+
 def tiny(tmp_path, out="run", **kw):
     """A PretrainConfig that trains in well under a second."""
     data = tmp_path / "data.txt"
@@ -289,16 +306,8 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(tmp_path):
     flags = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
              "--warmup-iters", "2", "--lr-decay-iters", "40", "--eval-interval", "4", "--eval-iters", "2",
              "--samples", "0", "--device", "cpu", "--data", data]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "npformer.cli", "pretrain"]
-    proc = subprocess.Popen(cmd + flags + ["--max-iters", "1000000", "--out", killed], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_until_checkpoint(flags + ["--max-iters", "1000000"], killed)
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(os.path.join(killed, "latest.json")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.01)
         time.sleep(0.05)                       # well into the steps after the first checkpoint
     finally:
         proc.kill()                            # SIGKILL
@@ -306,8 +315,8 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(tmp_path):
         proc.stderr.close()
     assert proc.returncode == -9               # killed mid-training, not finished
     end = load_checkpoint(killed).step + 6     # resume for 6 more steps (not a multiple of 4)
-    done = subprocess.run(cmd + ["--out", killed, "--resume", "--max-iters", str(end), "--device", "cpu"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(CLI + ["pretrain", "--out", killed, "--resume", "--max-iters", str(end), "--device", "cpu"],
+                          env=CLI_ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout
     # the uninterrupted run to the same step, with the same flags, in this process

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +15,7 @@ from npformer import cli
 from npformer.data import CharTokenizer
 from npformer.training.checkpoint import save_checkpoint
 from npformer.training.rundir import LOCK, MARKER, RunDir, RunDirError, command_of
-from tests.test_pretrain import REPO, tree_digest, write_corpus
+from tests.test_pretrain import CLI, CLI_ENV, start_until_checkpoint, tree_digest, write_corpus
 
 
 def fake_run(path, model="gpt", step=4, marker=True):
@@ -101,16 +100,9 @@ def test_concurrent_runs_one_refused_at_once_and_no_stale_lock_after_sigkill(tmp
     flags = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
              "--eval-interval", "4", "--eval-iters", "2", "--samples", "0", "--device", "cpu", "--data", data,
              "--workers", "2", "--lr-decay-iters", "1000000"]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "npformer.cli", "pretrain"]
-    first = subprocess.Popen(cmd + flags + ["--max-iters", "1000000", "--out", out], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env, cmd = CLI_ENV, CLI + ["pretrain"]
+    first = start_until_checkpoint(flags + ["--max-iters", "1000000"], out)
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(os.path.join(out, "latest.json")):
-            assert first.poll() is None, first.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.01)
         for extra in ([], ["--resume"]):
             t0 = time.monotonic()
             second = subprocess.run(cmd + flags + ["--max-iters", "8", "--out", out] + extra, env=env,

@@ -19,16 +19,14 @@ from npformer.training.checkpoint import load_checkpoint
 from npformer.training.seq2seq import (KINDS, Seq2SeqTrainConfig, attention_weights, evaluate, load_seq2seq,
                                        loss_fn, match_counts, model_config, train)
 
+from tests.helpers import signal_at_steps
+
 TINY = dict(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0, batch_size=16, max_iters=40,
             warmup=10, lr_factor=0.2, n_test=40, device="cpu")
 TINY_FLAGS = ["--d-model", "16", "--nhead", "2", "--num-layers", "1", "--dim-feedforward", "32", "--dropout", "0",
               "--batch-size", "16", "--max-iters", "40", "--warmup", "10", "--lr-factor", "0.2", "--n-test", "40",
               "--device", "cpu"]
 
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("NPFORMER_DEBUG", raising=False)       # errors must be one line, no traceback
 
 
 @pytest.fixture(scope="module")
@@ -204,19 +202,10 @@ def test_translate_errors_are_one_line_and_touch_nothing(run_copy, tmp_path, cap
 def test_sigint_saves_and_resume_equals_the_uninterrupted_run(run, tmp_path, monkeypatch):
     """With dropout (its generator's state is in the checkpoint) and batches drawn from a seeded
     generator, a run stopped by SIGINT at step 13 and resumed ends bit for bit where the straight one does."""
-    import signal
-
-    from npformer.training import seq2seq as s2s
     from npformer.training.stopping import Interrupted
     kw = {**TINY, "dropout": 0.1, "eval_interval": 20}
     straight = train(Seq2SeqTrainConfig(task="copy", out=str(tmp_path / "a"), **kw), log=lambda *a: None)
-    update = s2s.ProgressBar.update
-
-    def update_and_signal(self, step, *args):
-        update(self, step, *args)
-        if step == 13:
-            os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(s2s.ProgressBar, "update", update_and_signal)
+    signal_at_steps(monkeypatch, {13})
     with pytest.raises(Interrupted, match=f"saved step 13 to {tmp_path / 'b'}; continue with --resume"):
         train(Seq2SeqTrainConfig(task="copy", out=str(tmp_path / "b"), **kw), log=lambda *a: None)
     monkeypatch.undo()

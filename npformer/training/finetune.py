@@ -38,7 +38,7 @@ from ..models.classifier import SequenceClassifier
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .rundir import RunDir, check_same_settings, load_for_resume
+from .rundir import RunDir, check_resumable, load_for_resume
 from .stopping import GracefulStop
 from .loading import load_gpt
 from .progress import ProgressBar, format_seconds
@@ -194,10 +194,7 @@ def _finetune(cfg: FinetuneConfig, pretrained, tok, log, t_start) -> dict:
     ckpt = None
     if cfg.resume:
         ckpt = load_for_resume(cfg.out, log)
-        check_same_settings(cfg.out, ckpt.meta.get("finetune_config", {}), cfg, RESUME_FIELDS)
-        if ckpt.step > cfg.max_iters:
-            raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
-                             f"in {cfg.out}; pass a larger --max-iters to continue")
+        check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
     splits = make_splits()

@@ -55,7 +55,7 @@ from . import workers as shard_workers
 from .checkpoint import CheckpointError, atomic_write_text, save_checkpoint
 from .memory import check_pretrain_memory, format_bytes
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir, check_same_settings, load_for_resume
+from .rundir import RunDir, check_resumable, load_for_resume
 from .stopping import GracefulStop
 
 class OutOfMemory(RuntimeError):
@@ -248,11 +248,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         if cfg.lr_decay_iters is None and isinstance(saved_decay, int):
             cfg = dataclasses.replace(cfg, lr_decay_iters=saved_decay)     # the original schedule
         cfg = cfg.checked()
-        check_same_settings(cfg.out, ckpt.meta.get("pretrain_config", {}), cfg,
-                            MODEL_FIELDS + ("tokenizer", "data", "seed", "batch_size"))
-        if ckpt.step > cfg.max_iters:
-            raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
-                             f"in {cfg.out}; pass a larger --max-iters to continue")
+        check_resumable(cfg, ckpt, "pretrain_config", MODEL_FIELDS + ("tokenizer", "data", "seed", "batch_size"))
 
     train_text, val_text, floor, fingerprint = _load_corpus(cfg)
     if ckpt:

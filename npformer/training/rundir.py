@@ -110,12 +110,18 @@ def load_for_resume(out: str, log):
     return ckpt
 
 
-def check_same_settings(out: str, saved: dict, cfg, fields) -> None:
-    """Refuse to resume the run in `out` with settings (`fields` of cfg) other than the checkpoint's."""
+def check_resumable(cfg, ckpt, settings_key: str, fields) -> None:
+    """Refuse to resume from `ckpt` with settings (`fields` of cfg) other than those stored in its
+    meta[settings_key], or with a cfg.max_iters below the checkpoint's step."""
+    saved = ckpt.meta.get(settings_key, {})
     diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})"
              for k in fields if k in saved and saved[k] != getattr(cfg, k)]
     if diffs:
-        raise CheckpointError(f"--resume: the checkpoint in {out} was made with other settings: " + ", ".join(diffs))
+        raise CheckpointError(f"--resume: the checkpoint in {cfg.out} was made with other settings: "
+                              + ", ".join(diffs))
+    if ckpt.step > cfg.max_iters:
+        raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
+                         f"in {cfg.out}; pass a larger --max-iters to continue")
 
 
 def _describe_os_error(path: str, exc: OSError) -> str:

@@ -34,7 +34,7 @@ from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir, check_same_settings, load_for_resume
+from .rundir import RunDir, check_resumable, load_for_resume
 from .stopping import GracefulStop
 
 # settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
@@ -160,10 +160,7 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
     ckpt = None
     if cfg.resume:
         ckpt = load_for_resume(cfg.out, log)
-        check_same_settings(cfg.out, ckpt.meta.get("train_config", {}), cfg, RESUME_FIELDS)
-        if ckpt.step > cfg.max_iters:
-            raise ValueError(f"--max-iters {cfg.max_iters} is below the checkpoint's step {ckpt.step} "
-                             f"in {cfg.out}; pass a larger --max-iters to continue")
+        check_resumable(cfg, ckpt, "train_config", RESUME_FIELDS)
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
     test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3)
