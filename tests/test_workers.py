@@ -89,6 +89,22 @@ def test_a_failing_shard_in_a_worker_raises_and_touches_no_grad():
         w.forward_backward(x, y)                         # the worker still serves the next step
 
 
+def test_a_memory_error_in_a_worker_is_a_memory_error_in_the_parent(monkeypatch):
+    """pretrain turns a MemoryError into its one-line message; a worker's must reach it as one."""
+    model = make()
+    x, y = batch(B=4)
+    parent, run_shards = os.getpid(), shard_workers.parallel.run_shards
+
+    def out_of_memory_in_a_child(*args, **kwargs):
+        if os.getpid() != parent:
+            raise MemoryError("Unable to allocate 9.0 GiB")
+        return run_shards(*args, **kwargs)
+    monkeypatch.setattr(shard_workers.parallel, "run_shards", out_of_memory_in_a_child)
+    with shard_workers.ShardWorkers(model, 2) as w:
+        with pytest.raises(MemoryError, match="worker 1: MemoryError: Unable to allocate 9.0 GiB"):
+            w.forward_backward(x, y)
+
+
 def test_a_dead_worker_is_reported():
     model = make()
     x, y = batch(B=4)

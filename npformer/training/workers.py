@@ -285,7 +285,8 @@ class ShardWorkers:
                     done = into.done
                     answer = {"ok": True, "loss": loss, "grads": done}
                 except Exception as exc:                       # reported to the parent, which raises
-                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                              "memory": isinstance(exc, MemoryError)}
                 _send(reply, json.dumps(answer).encode())
 
     # ------------------------------------------------------------------ the parent's side
@@ -358,8 +359,9 @@ class ShardWorkers:
                 except EOFError:
                     answer = {"ok": False, "error": f"worker process {self._pids[k - 1]} exited"}
                     dead = True
-                if not answer["ok"]:
-                    error = error or RuntimeError(f"ShardWorkers: worker {k}: {answer['error']}")
+                if not answer["ok"]:           # a worker's MemoryError stays one (the caller may handle it)
+                    kind = MemoryError if answer.get("memory") else RuntimeError
+                    error = error or kind(f"ShardWorkers: worker {k}: {answer['error']}")
                     continue
                 loss += answer["loss"]
                 pairs += [(self.params[i], self._grad_views[k - 1][i]) for i in answer["grads"]]
