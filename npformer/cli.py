@@ -88,19 +88,21 @@ def _pretrain_parser(sub):
     p.set_defaults(run=_run_pretrain)
 
 
-# commands that resume: (module, its config class, the checkpoint meta key that stores the settings)
-RESUMABLE = {"pretrain": ("npformer.training.pretrain", "PretrainConfig", "pretrain_config"),
-             "seq2seq": ("npformer.training.seq2seq", "Seq2SeqTrainConfig", "train_config"),
-             "finetune": ("npformer.training.finetune", "FinetuneConfig", "finetune_config")}
+# commands that resume: (their default --out, the checkpoint meta key that stores the settings)
+RESUMABLE = {"pretrain": ("out-pretrain", "pretrain_config"),
+             "seq2seq": ("out-seq2seq-{task}", "train_config"),
+             "finetune": ("out-finetune", "finetune_config")}
 NOT_INHERITED = {"out", "resume", "device", "workers", "allow_data_change"}
 
 
-def _saved_settings(command: str, out: str) -> dict:
-    """The settings of the run whose newest intact checkpoint is in `out`, as flag defaults for --resume."""
+def _saved_settings(command: str, out: str, flags) -> dict:
+    """The settings of the run whose newest intact checkpoint is in `out`, as defaults of the
+    command's `flags` (dest names) for --resume. Settings that have no flag (e.g. finetune's
+    derived min_lr) are left to be derived again from the flags."""
     from .training.checkpoint import load_meta
-    module, cls, key = RESUMABLE[command]
+    _, key = RESUMABLE[command]
     saved = load_meta(out, fallback=True)[1].get(key)
-    inherit = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))} - NOT_INHERITED
+    inherit = set(flags) - NOT_INHERITED
     return {k: v for k, v in saved.items() if k in inherit} if isinstance(saved, dict) else {}
 
 
@@ -129,15 +131,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in RESUMABLE and args.resume:
-            out = args.out or f"out-seq2seq-{args.task}"          # only seq2seq's --out has no fixed default
-            args = build_parser({args.command: _saved_settings(args.command, out)}).parse_args(argv)
+            out = args.out or RESUMABLE[args.command][0].format(**vars(args))
+            saved = _saved_settings(args.command, out, vars(args))
+            args = build_parser({args.command: saved}).parse_args(argv)
         args.run(args)
     except Interrupted as exc:          # the run saved its last step (pretrain's GracefulStop)
         print(f"npformer: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print("npformer: interrupted; checkpoints already written are intact (continue with --resume)",
-              file=sys.stderr)
+        print("npformer: interrupted; the checkpoints already written, if any, are intact", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)
     except MemoryError:
         if os.environ.get("NPFORMER_DEBUG"):

@@ -165,7 +165,7 @@ RESUME_ERRORS = {
     "newer format version": (newer_version, [], f"format version {VERSION + 1}, newer"),
     "other n-embd": (lambda d: None, ["--n-embd", "32"], "n_embd (checkpoint 16, now 32)"),
     "other n-layer": (lambda d: None, ["--n-layer", "2"], "n_layer (checkpoint 1, now 2)"),
-    "other data": (lambda d: None, ["--data", "OTHER"], "other settings: data"),
+    "other data": (lambda d: None, ["--data", "OTHER"], "the training data changed: the checkpoint was made on"),
     "max-iters below the checkpoint": (lambda d: None, ["--max-iters", "8"], "below the checkpoint's step 12"),
     "bad flag on resume": (lambda d: None, ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
 }

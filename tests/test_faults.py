@@ -7,7 +7,6 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from npformer.training.checkpoint import CheckpointError, load_checkpoint
 from npformer.training.pretrain import PretrainConfig, pretrain
 from npformer.training.stopping import Interrupted, StopNow
 from tests.helpers import signal_at_steps
-from tests.test_pretrain import REPO, assert_same_checkpoint, losses, quiet, read_metrics, tiny, write_corpus
+from tests.test_pretrain import CLI, CLI_ENV, assert_same_checkpoint, losses, quiet, read_metrics, tiny, write_corpus
 
 
 def errors(stderr: str) -> list:
@@ -73,27 +72,29 @@ def test_second_sigint_during_the_save_leaves_the_previous_checkpoint(tmp_path, 
     assert sorted(d for d in os.listdir(out) if "ckpt" in d) == ["ckpt-000004"]      # no half-written one
 
 
-def test_cli_sigint_and_sigterm_exit_codes_and_message(tmp_path):
+def test_cli_sigint_and_sigterm_to_the_process_group_exit_codes_and_message(tmp_path):
+    """As a terminal's Ctrl-C (or `kill -TERM -PGID`) does, the signal goes to the whole process
+    group, forked workers included: only the parent acts on it, once."""
     data = write_corpus(tmp_path / "data.txt")
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         out = str(tmp_path / f"run{signum}")
-        proc = subprocess.Popen([sys.executable, "-m", "npformer.cli", "pretrain", "--data", data, "--out", out,
-                                 "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
-                                 "--batch-size", "4", "--max-iters", "1000000", "--eval-interval", "1000000",
-                                 "--samples", "0", "--workers", "2"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(CLI + ["pretrain", "--data", data, "--out", out, "--n-layer", "1", "--n-head", "2",
+                                       "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+                                       "--max-iters", "1000000", "--eval-interval", "1000000", "--samples", "0",
+                                       "--workers", "2"], env=CLI_ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             deadline = time.monotonic() + 60
             line = proc.stderr.readline()                       # the progress bar's first line: step 1 done
             while not line.startswith("["):
                 assert proc.poll() is None and time.monotonic() < deadline, line
                 line = proc.stderr.readline()
-            proc.send_signal(signum)
+            os.killpg(proc.pid, signum)
             _, err = proc.communicate(timeout=60)
         finally:
             proc.kill()
         assert proc.returncode == code, err
+        assert err.count("finishing this step, then saving a checkpoint") == 1, err
         last = err.strip().splitlines()[-1]
         assert last.startswith("npformer: saved step ") and last.endswith(f"to {out}; continue with --resume")
         step = int(last.split()[3])
@@ -140,8 +141,9 @@ def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(data.read_text().replace("cat", "dog", 1))   # same size, other contents
     before = load_checkpoint(str(tmp_path / "run")).meta["data_fingerprint"]
-    with pytest.raises(CheckpointError, match=r"the training data changed: .*data\.txt was 1,\d{3} bytes with "
-                                              r"SHA-256 [0-9a-f]{16}\.\.\. .* is now .*--allow-data-change"):
+    with pytest.raises(CheckpointError, match=r"the training data changed: the checkpoint was made on .*data\.txt "
+                                              r"\(1,\d{3} bytes, SHA-256 [0-9a-f]{16}\.\.\.\) and .*data\.txt is "
+                                              r"1,\d{3} bytes, SHA-256 [0-9a-f]{16}\.\.\.; .*--allow-data-change"):
         pretrain(tiny(tmp_path, resume=True), log=quiet)
     lines = []
     pretrain(tiny(tmp_path, resume=True, allow_data_change=True), log=lines.append)
@@ -161,14 +163,14 @@ def test_memory_is_checked_before_the_first_step(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert "1.0 MiB is available (NPFORMER_MEMORY_AVAILABLE)" in err
-    assert "--batch-size (16)" in err and "--block-size (64)" in err and "--shards" in err
+    assert "--batch-size (16 now" in err and "--block-size (64 now" in err and "--shards" in err
     assert not out.exists()                                    # refused before anything was written
 
 
 def test_a_huge_block_size_is_refused_at_once(tmp_path, capsys):
     t0 = time.perf_counter()
     rc = cli.main(["pretrain", "--block-size", "100000", "--out", str(tmp_path / "run")])
-    assert rc == 2 and "--block-size (100000)" in capsys.readouterr().err
+    assert rc == 2 and "--block-size (100000 now, " in capsys.readouterr().err
     assert time.perf_counter() - t0 < 20                       # no corpus window scan, no model built
     assert not (tmp_path / "run").exists()
 
@@ -214,6 +216,28 @@ def test_memory_error_in_the_loop_is_one_line_and_keeps_the_checkpoint(tmp_path,
 
 
 # ----------------------------------------------------------------------------- defaults and flags
+
+def test_resume_through_the_api_keeps_the_schedule_of_the_checkpoint(tmp_path):
+    """warmup_iters=None and lr_decay_iters=None on resume mean the checkpoint's, not defaults
+    derived from the new max_iters."""
+    pretrain(tiny(tmp_path, max_iters=20, warmup_iters=None, eval_interval=10), log=quiet)
+    assert load_checkpoint(str(tmp_path / "run")).meta["pretrain_config"]["warmup_iters"] == 2
+    pretrain(tiny(tmp_path, max_iters=24, warmup_iters=None, eval_interval=10, resume=True), log=quiet)
+    saved = load_checkpoint(str(tmp_path / "run")).meta["pretrain_config"]
+    assert (saved["warmup_iters"], saved["lr_decay_iters"]) == (2, 20)
+
+
+def test_resume_from_another_directory_with_a_relative_data_path(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    write_corpus(tmp_path / "work" / "data.txt")
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli.main(["pretrain", "--data", "data.txt", "--out", "run", "--n-layer", "1", "--n-head", "2",
+                     "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--max-iters", "4",
+                     "--lr-decay-iters", "8", "--samples", "0"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pretrain", "--out", "work/run", "--resume", "--max-iters", "6"]) == 0
+    assert load_checkpoint(str(tmp_path / "work" / "run")).step == 6
+
 
 def test_short_runs_get_a_schedule_that_fits(tmp_path):
     cfg = PretrainConfig(max_iters=30).checked()

@@ -220,3 +220,37 @@ def test_sigint_saves_and_resume_equals_the_uninterrupted_run(root, monkeypatch,
 def test_a_new_run_needs_ckpt(capsys, tmp_path):
     assert main(["finetune", "--out", str(tmp_path / "ft")]) == 2
     assert "--ckpt is required" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_the_final_evaluation_or_at_the_last_step_still_saves_the_metrics(root, monkeypatch):
+    """The run is over once its last step is done: a signal then lets the evaluation finish and
+    the final checkpoint (with the accuracies) be written, and the run ends normally."""
+    import signal
+
+    from npformer.training import finetune as finetune_module
+    accuracy_of = finetune_module.accuracy
+
+    calls = []
+
+    def interrupted_accuracy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:                                         # one Ctrl-C, during the val evaluation
+            os.kill(os.getpid(), signal.SIGINT)
+        return accuracy_of(*args, **kwargs)
+    monkeypatch.setattr(finetune_module, "accuracy", interrupted_accuracy)
+    during = run(root, "during-eval")
+    monkeypatch.undo()
+    signal_at_steps(monkeypatch, {3})                               # the last of max_iters=3
+    at_last = run(root, "at-last")
+    for name, summary in (("during-eval", during), ("at-last", at_last)):
+        ckpt = load_checkpoint(str(root / name))
+        assert ckpt.step == 3 and ckpt.meta["metrics"]["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_resume_from_another_directory_with_a_relative_ckpt(root, monkeypatch, capsys):
+    monkeypatch.chdir(root)
+    assert main(["finetune", "--ckpt", "pre/", "--out", "rel", "--max-iters", "2", "--batch-size", "8"]) == 0
+    monkeypatch.chdir(root.parent)
+    assert main(["finetune", "--out", str(root.name) + "/rel", "--resume", "--max-iters", "3"]) == 0, \
+        capsys.readouterr().err
+    assert load_checkpoint(str(root / "rel")).step == 3

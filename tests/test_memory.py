@@ -305,7 +305,7 @@ def test_check_refuses_with_a_low_reading(monkeypatch):
     assert isinstance(info.value, ValueError) and "\n" not in msg
     assert msg.startswith(f"a training step needs about {memory.format_bytes(est.peak_bytes)} (attention scores")
     assert f"but 512.0 MiB is available ({memory.ENV_VAR})" in msg
-    for flag in ("lower --batch-size (16)", "--block-size (4096) to ", "--workers (2)", "raise --shards (2)"):
+    for flag in ("lower --batch-size (16 now", "--block-size (4096 now, ", "--workers (2 now", "raise --shards (2 now"):
         assert flag in msg
 
 
@@ -314,14 +314,14 @@ def test_check_names_values_that_fit():
     with pytest.raises(memory.MemoryTooSmall) as info:
         memory.check_pretrain_memory(cfg, 65, available=(1 << 30, "test"))
     msg = str(info.value)
-    fit = int(msg.split("--block-size (4096) to ")[1].split()[0].strip(","))
+    fit = int(msg.split("--block-size (4096 now, ")[1].split()[0])
     assert memory.estimate_pretrain(dataclasses.replace(cfg, block_size=fit), 65).peak_bytes <= 1 << 30
     assert memory.estimate_pretrain(dataclasses.replace(cfg, block_size=fit + 1), 65).peak_bytes > 1 << 30
 
 
 def test_check_block_size_100000_on_24_gib():
     cfg = _cfg(block_size=100000, workers=2)
-    message = r"\(attention scores .* GiB.*; lower --block-size \(100000\) to \d+"
+    message = r"\(attention scores .* GiB.*; lower --block-size \(100000 now, \d+ fits\)"
     with pytest.raises(memory.MemoryTooSmall, match=message):
         memory.check_pretrain_memory(cfg, 65, available=(24 << 30, "MemAvailable"))
 

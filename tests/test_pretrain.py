@@ -155,7 +155,7 @@ def test_shards_accumulate_gradients_and_resume_keeps_them(tmp_path):
     base = pretrain(tiny(tmp_path, "base", workers=2), log=quiet)
     full = pretrain(tiny(tmp_path, "a", workers=2, shards=4, dropout=0.2), log=quiet)
     pretrain(tiny(tmp_path, "b", workers=2, shards=4, dropout=0.2, max_iters=6, lr_decay_iters=12), log=quiet)
-    assert _saved_settings("pretrain", str(tmp_path / "b"))["shards"] == 4
+    assert _saved_settings("pretrain", str(tmp_path / "b"), ["shards"]) == {"shards": 4}
     resumed = pretrain(tiny(tmp_path, "b", workers=2, shards=4, dropout=0.2, resume=True), log=quiet)
     assert_same_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"))
     assert resumed["val_loss"] == full["val_loss"]
@@ -237,9 +237,11 @@ def test_new_run_refuses_an_out_dir_with_a_checkpoint(tmp_path, damage):
 
 
 def test_fresh_run_starts_a_new_metrics_file(tmp_path):
-    """An out dir left by a run killed before its first checkpoint holds only a metrics.jsonl."""
+    """An out dir left by a run killed before its first checkpoint: its marker and a metrics.jsonl."""
     cfg = tiny(tmp_path)
     os.makedirs(cfg.out)
+    with open(os.path.join(cfg.out, "run.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"format": "npformer-run", "command": "pretrain"}))
     with open(os.path.join(cfg.out, "metrics.jsonl"), "w", encoding="utf-8") as f:
         f.write(json.dumps({"step": 4, "train_loss": 9.0, "val_loss": 9.0, "lr": 0.1, "elapsed_s": 0.1}) + "\n")
     pretrain(cfg, log=quiet)

@@ -71,7 +71,10 @@ def test_refused_paths_name_what_they_are_and_what_to_pass(tmp_path):
         (other, "pretrain", True, "is a run directory of `npformer seq2seq`, not of `npformer pretrain`"),
         (legacy, "seq2seq", False, "is a run directory of `npformer pretrain`, not of `npformer seq2seq`"),
         (run, "pretrain", False, "already holds a checkpoint; pass --resume to continue it"),
-        (other, "seq2seq", False, "already holds a checkpoint; choose another --out"),
+        (other, "seq2seq", False, "already holds a checkpoint; pass --resume to continue it or choose another"),
+        (os.path.join(run, "ckpt-000020"), "pretrain", False, "is a checkpoint directory inside the run"),
+        (os.path.join(run, "sub", "deeper"), "pretrain", False,
+         f"is inside the run directory {os.path.relpath(run)}, whose checkpoints it would mix with"),
     ]
     for path, command, resume, message in cases:
         with pytest.raises(RunDirError, match=re.escape(message)):

@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-iters", type=int, default=d.max_iters, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, warmup + cosine)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the pooled vector, before the head")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="new weights: seed, batch order: seed + 1, dropout: seed + 2")
     p.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")

@@ -38,7 +38,7 @@ from ..models.classifier import SequenceClassifier
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .rundir import RunDir, check_resumable, load_for_resume
+from .rundir import RunDir, check_resumable, load_for_resume, set_aside
 from .stopping import GracefulStop
 from .loading import load_gpt
 from .progress import ProgressBar, format_seconds
@@ -104,7 +104,8 @@ class FinetuneConfig:
              f"--keep must be >= 0 (0 keeps all); got {self.keep!r}")
         device = self.device or backend.default_device()
         backend.check_device(device)
-        return dataclasses.replace(self, min_lr=min_lr, warmup_iters=warmup, device=device)
+        return dataclasses.replace(self, min_lr=min_lr, warmup_iters=warmup, device=device,
+                                   ckpt=os.path.abspath(self.ckpt))      # resumable from any directory
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,16 +186,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     """
     t_start = time.perf_counter()
     cfg = cfg.checked()
-    pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
     with RunDir.claim(cfg.out, "finetune", resume=cfg.resume):
-        return _finetune(cfg, pretrained, tok, log, t_start)
+        return _finetune(cfg, log, t_start)
 
 
-def _finetune(cfg: FinetuneConfig, pretrained, tok, log, t_start) -> dict:
+def _finetune(cfg: FinetuneConfig, log, t_start) -> dict:
+    pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
     ckpt = None
     if cfg.resume:
-        ckpt = load_for_resume(cfg.out, log)
+        ckpt = load_for_resume(cfg.out)
         check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
+        set_aside(cfg.out, ckpt, log)
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
     splits = make_splits()
@@ -268,16 +270,17 @@ def _finetune(cfg: FinetuneConfig, pretrained, tok, log, t_start) -> dict:
                                          f"(try a lower --lr)")
             recent = (recent + [value])[-20:]
             bar.update(step + 1, value, lr, int(lengths[rows].max()) * len(rows))
-            if stop.requested:
+            if stop.requested and step + 1 < cfg.max_iters:     # at the last step: evaluate and save as usual
                 save(step + 1)
                 raise stop.interrupted(step + 1, cfg.out)
 
-    val_acc = accuracy(model, *data["val"], cfg.device, cfg.eval_batch_size)
-    test_acc = accuracy(model, *data["test"], cfg.device, cfg.eval_batch_size)
-    summary = {"init": init, "freeze": cfg.freeze, "steps": cfg.max_iters, "train_loss": float(np.mean(recent)),
-               "val_accuracy": val_acc, "test_accuracy": test_acc, "n_test": len(data["test"][2]),
-               "trainable": int(trainable), "seconds": time.perf_counter() - t_start, "out": cfg.out}
-    save(cfg.max_iters, {k: summary[k] for k in ("init", "train_loss", "val_accuracy", "test_accuracy", "n_test")})
+        val_acc = accuracy(model, *data["val"], cfg.device, cfg.eval_batch_size)
+        test_acc = accuracy(model, *data["test"], cfg.device, cfg.eval_batch_size)
+        summary = {"init": init, "freeze": cfg.freeze, "steps": cfg.max_iters, "train_loss": float(np.mean(recent)),
+                   "val_accuracy": val_acc, "test_accuracy": test_acc, "n_test": len(data["test"][2]),
+                   "trainable": int(trainable), "seconds": time.perf_counter() - t_start, "out": cfg.out}
+        save(cfg.max_iters, {k: summary[k] for k in ("init", "train_loss", "val_accuracy", "test_accuracy", "n_test")})
+
     log(f"done in {format_seconds(summary['seconds'])}: val accuracy {val_acc:.4f}, "
         f"test accuracy {test_acc:.4f} ({round(test_acc * summary['n_test'])}/{summary['n_test']}); "
         f"checkpoint in {cfg.out}")

@@ -370,7 +370,7 @@ def _advice(cfg, vocab_size: int, est: MemoryEstimate, free: int) -> str:
 
     def flag(name, now, fit):
         fits.append(fit is not None)
-        return f"--{name} ({now})" + (f" to {fit}" if fit is not None else "")
+        return f"--{name} ({now} now" + (f", {fit} fits)" if fit is not None else ")")
     lower, other, fits = [], [], []
     for name in ("batch_size", "block_size", "workers"):
         now = getattr(cfg, name) or 1

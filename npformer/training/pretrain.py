@@ -55,7 +55,7 @@ from . import workers as shard_workers
 from .checkpoint import CheckpointError, atomic_write_text, save_checkpoint
 from .memory import check_pretrain_memory, format_bytes
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir, check_resumable, load_for_resume
+from .rundir import RunDir, check_resumable, load_for_resume, set_aside
 from .stopping import GracefulStop
 
 class OutOfMemory(RuntimeError):
@@ -142,7 +142,9 @@ class PretrainConfig:
                                                 f"{device} use --workers 1 (or leave it out)")
         backend.check_device(device)
         workers = parallel.default_threads(device) if t is None else t
-        return dataclasses.replace(self, warmup_iters=warmup, lr_decay_iters=decay, device=device, workers=workers)
+        data = None if self.data is None else os.path.abspath(self.data)      # resumable from any directory
+        return dataclasses.replace(self, warmup_iters=warmup, lr_decay_iters=decay, device=device, workers=workers,
+                                   data=data)
 
 
 def _load_corpus(cfg: PretrainConfig):
@@ -173,8 +175,9 @@ def _check_data_unchanged(cfg, saved: dict, now: dict, log) -> None:
         return
     if (saved.get("bytes"), saved.get("sha256")) == (now["bytes"], now["sha256"]):
         return
-    what = (f"{now['source']} was {saved.get('bytes'):,} bytes with SHA-256 {str(saved.get('sha256'))[:16]}... "
-            f"when the checkpoint was written and is now {now['bytes']:,} bytes with SHA-256 {now['sha256'][:16]}...")
+    what = (f"the checkpoint was made on {saved.get('source')} ({saved.get('bytes'):,} bytes, SHA-256 "
+            f"{str(saved.get('sha256'))[:16]}...) and {now['source']} is {now['bytes']:,} bytes, SHA-256 "
+            f"{now['sha256'][:16]}...")
     if not cfg.allow_data_change:
         raise CheckpointError(f"--resume: the training data changed: {what}; restore the data, or pass "
                               f"--allow-data-change to continue on the new data (the run is then no longer "
@@ -243,12 +246,14 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     t_start = time.perf_counter()
     ckpt = None
     if cfg.resume:
-        ckpt = load_for_resume(cfg.out, log)
-        saved_decay = ckpt.meta.get("pretrain_config", {}).get("lr_decay_iters")
-        if cfg.lr_decay_iters is None and isinstance(saved_decay, int):
-            cfg = dataclasses.replace(cfg, lr_decay_iters=saved_decay)     # the original schedule
+        ckpt = load_for_resume(cfg.out)
+        saved = ckpt.meta.get("pretrain_config", {})
+        for name in ("warmup_iters", "lr_decay_iters"):         # None: the original schedule
+            if getattr(cfg, name) is None and isinstance(saved.get(name), int):
+                cfg = dataclasses.replace(cfg, **{name: saved[name]})
         cfg = cfg.checked()
-        check_resumable(cfg, ckpt, "pretrain_config", MODEL_FIELDS + ("tokenizer", "data", "seed", "batch_size"))
+        # the data is compared by its fingerprint below, wherever the file is now
+        check_resumable(cfg, ckpt, "pretrain_config", MODEL_FIELDS + ("tokenizer", "seed", "batch_size"))
 
     train_text, val_text, floor, fingerprint = _load_corpus(cfg)
     if ckpt:
@@ -261,6 +266,8 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         if len(ids) < cfg.block_size + 1:
             raise DataError(f"the {name} text has {len(ids)} tokens, shorter than one block "
                             f"(--block-size {cfg.block_size} needs {cfg.block_size + 1})")
+    if ckpt:
+        set_aside(cfg.out, ckpt, log)           # the resume is accepted: move damaged checkpoints aside
 
     mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
@@ -295,7 +302,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     if floor is not None and cfg.tokenizer == "char":
         context_floor = ToyLanguage(seed=0).context_floor(cfg.block_size)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-        f"device {cfg.device}" + (f" ({cfg.workers} workers)" if cfg.device == "cpu" else "")
+        f"device {cfg.device}" + (f" ({cfg.workers} worker{'s' * (cfg.workers != 1)})" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
         + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else "")

@@ -11,8 +11,8 @@ share its lock. A second process that claims the same directory is refused at on
 holder's process id.
 
 ``claim`` refuses, before it creates or writes anything, every path that is not a run directory
-of the command: a file, a checkpoint directory inside a run, another command's run, a non-empty
-folder that holds no run. Without ``resume`` it also refuses a run that already has a checkpoint
+of the command: a file, a checkpoint directory or any other path inside a run (whose pruning
+would delete it), another command's run, a non-empty folder that holds no run. Without ``resume`` it also refuses a run that already has a checkpoint
 (a new run never writes over an old one); the caller checks that a resumed run has one.
 """
 
@@ -32,8 +32,6 @@ except ImportError:                         # not POSIX: runs are not locked (do
 MARKER = "run.json"
 LOCK = ".lock"
 FORMAT = "npformer-run"
-# files a run writes besides its checkpoints: a folder holding only these is a run that saved none
-LEFT_BY_A_RUN = {LOCK, MARKER, "metrics.jsonl", "loss.png"}
 # checkpoint meta["model"] -> the command that writes such runs (for runs made before run.json existed)
 COMMAND_OF_MODEL = {"gpt": "pretrain", "seq2seq": "seq2seq", "sequence_classifier": "finetune"}
 
@@ -47,15 +45,28 @@ def _has_checkpoint(path: str) -> bool:
         d.startswith("ckpt-") for d in os.listdir(path))
 
 
+def _is_run(path: str) -> bool:
+    """Whether `path` is a run directory (marked, or holding checkpoints as runs did before run.json)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, MARKER)) or _has_checkpoint(path))
+
+
 def _checkpoint_parent(path: str):
-    """The run directory that `path` is a checkpoint (or a set-aside or half-written one) of, else None."""
-    name = os.path.basename(os.path.normpath(path))
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(os.path.join(path, "meta.json")):
+    """The run directory whose checkpoint (or set-aside or half-written one) `path` is, else None."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    if os.path.basename(real).startswith(("ckpt-", "damaged-ckpt-", ".tmp-ckpt-")) and _is_run(parent):
         return parent
-    if name.startswith(("ckpt-", "damaged-ckpt-", ".tmp-ckpt-")) and (
-            os.path.isfile(os.path.join(parent, MARKER)) or _has_checkpoint(parent)):
-        return parent
+    return None
+
+
+def _enclosing_run(path: str):
+    """The nearest run directory strictly above `path` (symbolic links resolved), else None."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    while parent != real:
+        if _is_run(parent):
+            return parent
+        real, parent = parent, os.path.dirname(parent)
     return None
 
 
@@ -63,15 +74,20 @@ def command_of(path: str):
     """The command whose run directory `path` is ("pretrain", ...), None for an empty or new folder.
 
     Raises RunDirError for anything else (a file, a checkpoint inside a run, an unrelated folder)."""
+    outer = _enclosing_run(path)
+    if outer is not None:
+        rel = os.path.relpath(outer)
+        if _checkpoint_parent(path) == outer:
+            raise RunDirError(f"{path} is a checkpoint directory inside the run {rel}, not a run directory; "
+                              f"pass --out {rel}")
+        raise RunDirError(f"{path} is inside the run directory {rel}, whose checkpoints it would mix with; "
+                          f"choose a path outside it")
     if not os.path.exists(path):
         return None
     if not os.path.isdir(path):
         raise RunDirError(f"{path} is a file, not a run directory; pass a directory for --out")
-    parent = _checkpoint_parent(path)
-    if parent is not None:
-        rel = os.path.relpath(parent)
-        raise RunDirError(f"{path} is a checkpoint directory inside the run {rel}, not a run directory; "
-                          f"pass --out {rel}")
+    if os.path.isfile(os.path.join(path, "meta.json")):             # a checkpoint copied out of its run
+        raise RunDirError(f"{path} is a checkpoint directory, not a run directory; choose another --out")
     marker = os.path.join(path, MARKER)
     if os.path.isfile(marker):
         try:
@@ -91,28 +107,36 @@ def command_of(path: str):
             return COMMAND_OF_MODEL[model]
         raise RunDirError(f"{path} holds checkpoints that npformer cannot attribute to a command; "
                           f"choose another --out")
-    if [e for e in os.listdir(path) if e not in LEFT_BY_A_RUN]:
+    if [e for e in os.listdir(path) if e != LOCK and not (e.startswith(".tmp-") and e.endswith(MARKER))]:
         raise RunDirError(f"{path} is a folder that holds no npformer run and is not empty; "
                           f"choose a new or empty directory for --out")
     return None
 
 
-def load_for_resume(out: str, log):
-    """The checkpoint a resumed run continues from: the newest intact one in `out`. Damaged newer
-    ones are named in the log and set aside as damaged-ckpt-* (kept for inspection, never reused)."""
-    ckpt = load_checkpoint(out, fallback=True)
-    if ckpt.damaged:
-        for _, reason in ckpt.damaged:
-            log(f"warning: {reason}")
-        for moved in set_aside_damaged(out, ckpt.damaged, ckpt.path):
-            log(f"warning: the damaged checkpoint is kept for inspection as {moved}")
-        log(f"continuing from the newest intact checkpoint, {ckpt.path} (step {ckpt.step})")
-    return ckpt
+def load_for_resume(out: str):
+    """The checkpoint a resumed run continues from: the newest intact one in `out` (ckpt.damaged
+    lists the newer ones skipped). Nothing is changed on disk; see set_aside."""
+    return load_checkpoint(out, fallback=True)
+
+
+def set_aside(out: str, ckpt, log) -> None:
+    """Once the resume is accepted: name the damaged checkpoints skipped to reach `ckpt`, and move
+    them aside as damaged-ckpt-* (kept for inspection, never reused)."""
+    if not ckpt.damaged:
+        return
+    for _, reason in ckpt.damaged:
+        log(f"warning: {reason}")
+    for moved in set_aside_damaged(out, ckpt.damaged, ckpt.path):
+        log(f"warning: the damaged checkpoint is kept for inspection as {moved}")
+    log(f"continuing from the newest intact checkpoint, {ckpt.path} (step {ckpt.step})")
 
 
 def check_resumable(cfg, ckpt, settings_key: str, fields) -> None:
     """Refuse to resume from `ckpt` with settings (`fields` of cfg) other than those stored in its
     meta[settings_key], or with a cfg.max_iters below the checkpoint's step."""
+    if not isinstance(ckpt.meta.get("run"), dict):
+        raise CheckpointError(f"{ckpt.path} holds no training state to resume from (written by an older "
+                              f"npformer, or not by a training run); start a new run with another --out")
     saved = ckpt.meta.get(settings_key, {})
     diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})"
              for k in fields if k in saved and saved[k] != getattr(cfg, k)]
@@ -167,9 +191,8 @@ class RunDir:
         if holder is not None:
             raise RunDirError(f"{path} is in use by process {holder}; wait for it to finish or choose another --out")
         if not resume and os.path.isdir(path) and _has_checkpoint(path):
-            hint = "pass --resume to continue it or choose another --out" if command == "pretrain" \
-                else "choose another --out"
-            raise RunDirError(f"{path} already holds a checkpoint; {hint}")
+            raise RunDirError(f"{path} already holds a checkpoint; pass --resume to continue it or choose "
+                              f"another --out")
         created = not os.path.exists(path)
         try:
             os.makedirs(path, exist_ok=True)

@@ -34,7 +34,7 @@ from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir, check_resumable, load_for_resume
+from .rundir import RunDir, check_resumable, load_for_resume, set_aside
 from .stopping import GracefulStop
 
 # settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
@@ -159,8 +159,9 @@ def train(cfg: Seq2SeqTrainConfig, log=print) -> dict:
 def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
     ckpt = None
     if cfg.resume:
-        ckpt = load_for_resume(cfg.out, log)
+        ckpt = load_for_resume(cfg.out)
         check_resumable(cfg, ckpt, "train_config", RESUME_FIELDS)
+        set_aside(cfg.out, ckpt, log)
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
     test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3)

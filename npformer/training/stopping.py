@@ -67,8 +67,9 @@ class GracefulStop:
             raise StopNow(signum)
         self.signum = signum
         stream = self.stream or sys.stderr
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
         stream.write(f"\nnpformer: {NAMES.get(signum, signum)}: finishing this step, then saving a checkpoint "
-                     f"(press Ctrl-C again to stop at once)\n")
+                     f"({again} to stop at once)\n")
         stream.flush()
 
     def __enter__(self):

@@ -254,7 +254,8 @@ class ShardWorkers:
 
     # ------------------------------------------------------------------ the worker's side
     def _serve(self, k: int, cmd: int, reply: int, parent: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C and SIGTERM (to the process group)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # are the parent's to handle; it ends the workers
         _die_with(parent)
         cpu.forked_child()
         modules = list(self.model.modules())
