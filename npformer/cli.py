@@ -21,6 +21,7 @@ import os
 import sys
 
 from . import backend, commands
+from .training.rundir import refuse_if_in_use
 from .training.stopping import Interrupted
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     try:
         if args.command in RESUMABLE and args.resume:
             out = args.out or RESUMABLE[args.command][0].format(**vars(args))
+            refuse_if_in_use(out)           # at once, before the checkpoint is read and verified
             saved = _saved_settings(args.command, out, vars(args))
             args = build_parser({args.command: saved}).parse_args(argv)
         args.run(args)
@@ -144,8 +146,10 @@ def main(argv=None) -> int:
     except MemoryError:
         if os.environ.get("NPFORMER_DEBUG"):
             raise
-        print(f"npformer: error: out of memory in `npformer {args.command}`; checkpoints already written are "
-              f"intact; lower --batch-size or --block-size, or raise --shards", file=sys.stderr)
+        lower = {"pretrain": "lower --batch-size or --block-size, or raise --shards",
+                 "seq2seq": "lower --batch-size or --d-model"}.get(args.command, "lower --batch-size")
+        print(f"npformer: error: out of memory in `npformer {args.command}`; the checkpoints already written, "
+              f"if any, are intact; {lower}", file=sys.stderr)
         return 2
     except (ValueError, OSError, RuntimeError, FloatingPointError, IndexError) as exc:
         if os.environ.get("NPFORMER_DEBUG"):

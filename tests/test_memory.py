@@ -368,3 +368,14 @@ def test_gpu_reading_is_none_without_a_gpu():
         assert free > 0 and why == "free GPU memory"
     else:
         assert free is None and "no reading" in why
+
+
+def test_a_resumed_run_is_only_told_the_flags_it_may_change():
+    """--resume refuses another batch or block size, so the advice names --workers and --shards."""
+    cfg = _cfg(block_size=4096, batch_size=16, workers=2, shards=2)
+    for resume, named, not_named in ((False, ["--batch-size", "--block-size", "--workers", "--shards"], []),
+                                     (True, ["--workers", "--shards"], ["--batch-size", "--block-size"])):
+        with pytest.raises(memory.MemoryTooSmall) as info:
+            memory.check_pretrain_memory(dataclasses.replace(cfg, resume=resume), 65, available=(512 << 20, "test"))
+        advice = str(info.value).split("; ", 1)[1]
+        assert all(flag in advice for flag in named) and not any(flag in advice for flag in not_named), advice

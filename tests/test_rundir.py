@@ -122,3 +122,12 @@ def test_concurrent_runs_one_refused_at_once_and_no_stale_lock_after_sigkill(tmp
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout
+
+
+def test_resume_into_a_run_in_use_is_refused_before_its_checkpoint_is_read(tmp_path, monkeypatch, capsys):
+    run = fake_run(tmp_path / "run")
+    read = []
+    monkeypatch.setattr(cli, "_saved_settings", lambda *a: read.append(a) or {})
+    with RunDir.claim(run, "pretrain", resume=True):
+        assert cli.main(["pretrain", "--out", run, "--resume"]) == 2
+    assert f"{run} is in use by process {os.getpid()}" in capsys.readouterr().err and not read

@@ -364,7 +364,7 @@ def _search(peak, lo: int, hi: int, free: int, largest: bool):
 
 def _advice(cfg, vocab_size: int, est: MemoryEstimate, free: int) -> str:
     """The flags that lower the peak (by 1% or more), each with the value that fits where changing it
-    alone is enough."""
+    alone is enough. A resumed run keeps its model and batch: only --workers and --shards are named."""
     def peak(**change):
         return estimate_pretrain(replace(cfg, **change), vocab_size, est.parts["data"]).peak_bytes
 
@@ -372,7 +372,7 @@ def _advice(cfg, vocab_size: int, est: MemoryEstimate, free: int) -> str:
         fits.append(fit is not None)
         return f"--{name} ({now} now" + (f", {fit} fits)" if fit is not None else ")")
     lower, other, fits = [], [], []
-    for name in ("batch_size", "block_size", "workers"):
+    for name in ("workers",) if cfg.resume else ("batch_size", "block_size", "workers"):
         now = getattr(cfg, name) or 1
         if now < 2 or peak(**{name: now // 2}) > 0.99 * est.peak_bytes:
             continue                                  # halving it would not help
@@ -381,14 +381,15 @@ def _advice(cfg, vocab_size: int, est: MemoryEstimate, free: int) -> str:
     if est.shards < cfg.batch_size and peak(shards=cfg.batch_size) <= 0.99 * est.peak_bytes:
         fit = _search(lambda v: peak(shards=v), est.shards + 1, cfg.batch_size, free, largest=False)
         other.append("raise " + flag("shards", est.shards, fit))
-    if cfg.dropout > 0 and peak(dropout=0.0) <= 0.99 * est.peak_bytes:
+    if cfg.dropout > 0 and not cfg.resume and peak(dropout=0.0) <= 0.99 * est.peak_bytes:
         other.append(f"set --dropout 0 ({cfg.dropout} now)")
     phrase = []
     if lower:
         phrase.append("lower " + (" or ".join(lower) if len(lower) < 3 else ", ".join(lower[:-1]) + " or " + lower[-1]))
     phrase += other
     if not any(fits):
-        phrase.append("use a smaller model (--n-layer, --n-embd)")
+        phrase.append("start a new run with a smaller model or batch" if cfg.resume
+                      else "use a smaller model (--n-layer, --n-embd)")
     return ", or ".join(phrase)
 
 

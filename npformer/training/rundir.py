@@ -173,6 +173,13 @@ def _holder(path: str):
     return None
 
 
+def refuse_if_in_use(path: str) -> None:
+    """RunDirError naming the live process that holds `path`'s lock, if one does."""
+    holder = _holder(path)
+    if holder is not None:
+        raise RunDirError(f"{path} is in use by process {holder}; wait for it to finish or choose another --out")
+
+
 class RunDir:
     """An exclusively locked run directory; `claim` it, use `.path`, `close` (or leave the `with`)."""
 
@@ -187,9 +194,7 @@ class RunDir:
         if kind is not None and kind != command:
             raise RunDirError(f"{path} is a run directory of `npformer {kind}`, not of `npformer {command}`; "
                               f"choose another --out")
-        holder = _holder(path)
-        if holder is not None:
-            raise RunDirError(f"{path} is in use by process {holder}; wait for it to finish or choose another --out")
+        refuse_if_in_use(path)
         if not resume and os.path.isdir(path) and _has_checkpoint(path):
             raise RunDirError(f"{path} already holds a checkpoint; pass --resume to continue it or choose "
                               f"another --out")
