@@ -21,7 +21,7 @@ import os
 import sys
 
 from . import backend, commands
-from .training.rundir import refuse_if_in_use
+from .training.rundir import check_resume_target
 from .training.stopping import Interrupted
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     try:
         if args.command in RESUMABLE and args.resume:
             out = args.out or RESUMABLE[args.command][0].format(**vars(args))
-            refuse_if_in_use(out)           # at once, before the checkpoint is read and verified
+            check_resume_target(out)        # at once, before the checkpoint is read and verified
             saved = _saved_settings(args.command, out, vars(args))
             args = build_parser({args.command: saved}).parse_args(argv)
         args.run(args)

@@ -208,7 +208,7 @@ def test_new_run_into_an_out_with_a_checkpoint_is_refused(run, capsys):
 
 def test_resume_without_a_checkpoint(tmp_path, capsys):
     rc, _, err = cli(capsys, "pretrain", "--out", tmp_path / "none", "--resume")
-    assert_one_line_error(rc, err, "checkpoint not found")
+    assert_one_line_error(rc, err, "nothing to resume: ")
     assert not (tmp_path / "none").exists()
 
 

@@ -352,8 +352,10 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 train_seconds += time.perf_counter() - t_step
                 steps_run += 1
                 if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
-                                             f"the last checkpoint in {cfg.out} is untouched (try a lower --lr)")
+                    kept = (f"the last checkpoint (step {last_saved}) in {cfg.out} is untouched"
+                            if last_saved is not None else "no checkpoint was written")
+                    raise FloatingPointError(f"training loss became {train_loss} at step {step}; {kept} "
+                                             f"(try a lower --lr)")
                 bar.update(step, train_loss, lr, tokens_per_step)
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                     where = "evaluation"

@@ -180,6 +180,13 @@ def refuse_if_in_use(path: str) -> None:
         raise RunDirError(f"{path} is in use by process {holder}; wait for it to finish or choose another --out")
 
 
+def check_resume_target(out: str) -> None:
+    """Refuse --resume at once into a run another process holds, or into nothing."""
+    refuse_if_in_use(out)
+    if not os.path.isdir(out):
+        raise CheckpointError(f"nothing to resume: {out} does not exist; start the run without --resume")
+
+
 class RunDir:
     """An exclusively locked run directory; `claim` it, use `.path`, `close` (or leave the `with`)."""
 
@@ -194,7 +201,7 @@ class RunDir:
         if kind is not None and kind != command:
             raise RunDirError(f"{path} is a run directory of `npformer {kind}`, not of `npformer {command}`; "
                               f"choose another --out")
-        refuse_if_in_use(path)
+        check_resume_target(path) if resume else refuse_if_in_use(path)
         if not resume and os.path.isdir(path) and _has_checkpoint(path):
             raise RunDirError(f"{path} already holds a checkpoint; pass --resume to continue it or choose "
                               f"another --out")
