@@ -224,6 +224,7 @@ GENERATE_ERRORS = {
     "top-p 1.5": (lambda d: None, ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     "temperature 0": (lambda d: None, ["--temperature", "0"], "--temperature must be > 0"),
     "negative max-new-tokens": (lambda d: None, ["--max-new-tokens=-1"], "--max-new-tokens must be >= 0"),
+    "negative seed": (lambda d: None, ["--seed=-1"], "--seed must be an integer >= 0; got -1"),
 }
 
 

@@ -101,7 +101,8 @@ def test_config_errors_name_the_flag():
     for kw, match in [(dict(task="sort"), "unknown task 'sort'"), (dict(d_model=10, nhead=4), "--d-model"),
                       (dict(max_iters=0), "--max-iters"), (dict(label_smoothing=1.0), "--label-smoothing"),
                       (dict(beam_size=0), "--beam-size"), (dict(lr_factor=-1.0), "--lr-factor"),
-                      (dict(length_penalty=float("nan")), "--length-penalty must be a finite number")]:
+                      (dict(length_penalty=float("nan")), "--length-penalty must be a finite number"),
+                      (dict(seed=-1), "--seed must be an integer >= 0; got -1")]:
         with pytest.raises(ValueError, match=match):
             Seq2SeqTrainConfig(**kw).checked()
     assert Seq2SeqTrainConfig(task="numbers").checked().out == "out-seq2seq-numbers"

@@ -84,6 +84,8 @@ def run(args) -> None:
         raise ValueError(f"--top-k must be >= 1; got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0; got {args.seed}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
     model, tok = load_gpt(args.ckpt, device=args.device)

@@ -79,6 +79,8 @@ class Seq2SeqTrainConfig:
                         ("n_test", self.n_test)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0; got {self.seed!r}")
         if self.d_model % self.nhead:
             raise ValueError(f"--d-model ({self.d_model}) must be divisible by --nhead ({self.nhead})")
         if not 0 <= self.dropout < 1:
