@@ -123,3 +123,17 @@ def test_default_corpus():
     assert len(full_train) == 1_000_000 and len(full_val) == 100_000
     assert full_train.startswith(train)                  # the same seeded stream
     assert set(full_val) <= set(full_train)              # a char tokenizer from train covers val
+
+
+def test_context_floor_does_not_grow_with_the_block_size(monkeypatch):
+    """pretrain prints the floor in its first line: at --block-size 50000 it must not scan 50000
+    positions (it did, for minutes). Past 256 positions the floor is taken at the entropy rate."""
+    lang = ToyLanguage(seed=0)
+    asked = []
+    windowed = ToyLanguage.windowed_loss
+    monkeypatch.setattr(ToyLanguage, "windowed_loss", lambda self, n, **kw: asked.append(n) or windowed(self, n, **kw))
+    head = windowed(lang, 256)
+    assert lang.context_floor(50_000) == pytest.approx((head.sum() + (50_000 - 256) * lang.entropy_rate()) / 50_000,
+                                                       rel=1e-12)
+    assert lang.context_floor(100) == pytest.approx(windowed(lang, 100).mean(), rel=1e-12)   # exact when short
+    assert asked == [256, 100]
