@@ -310,3 +310,15 @@ def test_console_script(template):
     done = subprocess.run([script, "generate", "--ckpt", str(template / "run"), "--prompt", "a",
                            "--max-new-tokens", "3", "--top-k", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == "" and len(done.stdout) == 1 + 3 + 1
+
+
+def test_the_commands_are_an_explicit_list_of_every_command_module(capsys):
+    """npformer.commands.COMMANDS names each module of the package once, in --help's order."""
+    import pkgutil
+
+    from npformer import commands
+    assert sorted(commands.COMMANDS) == sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert tuple(listed) == commands.COMMANDS == ("pretrain", "generate", "seq2seq", "translate", "finetune")

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from npformer.cli import main
-from npformer.commands.translate import translate
 from npformer.data.tasks import BOS, EOS, PAD, TaskTokenizer, get_task, make_batch
 from npformer.models import Seq2SeqTransformer
 from npformer.models.decoding import beam_search
 from npformer.training.checkpoint import load_checkpoint
 from npformer.training.seq2seq import (KINDS, Seq2SeqTrainConfig, attention_weights, evaluate, load_seq2seq,
-                                       loss_fn, match_counts, model_config, train)
+                                       loss_fn, match_counts, model_config, train, translate)
 
 from tests.helpers import signal_at_steps
 

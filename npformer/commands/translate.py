@@ -11,7 +11,6 @@ leading zeros is the number (000012 -> 12), a date may drop the leading zeros of
 from __future__ import annotations
 
 import argparse
-import math
 
 from .. import backend
 
@@ -35,36 +34,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def check_length_penalty(alpha: float) -> None:
-    """ValueError unless alpha is finite: nan scores every hypothesis nan (none ever finishes, the output
-    is empty) and inf scores every one longer than a token 0, so the search ends on an arbitrary one.
-    Any finite alpha is meaningful (negative favours short outputs) and keeps the search exact."""
-    if not math.isfinite(alpha):
-        raise ValueError(f"--length-penalty must be a finite number; got {alpha}")
-
-
-def translate(model, tok, meta: dict, text: str, beam_size: int = 1, length_penalty: float = 0.6) -> str:
-    """The model's output text for one source text; ValueError for an input it cannot take."""
-    from ..data.tasks import TASKS
-    from ..training.seq2seq import decode
-    check_length_penalty(length_penalty)
-    if not text:
-        raise ValueError("the input text is empty")
-    if tok.task in TASKS:
-        text = TASKS[tok.task]().parse_source(text)
-    limit = min(int(meta.get("max_src_len", model.config.max_len)), model.config.max_len)
-    if len(text) > limit:
-        raise ValueError(f"the input has {len(text)} characters; this {meta.get('task', 'seq2seq')} model takes "
-                         f"at most {limit}")
-    try:
-        src = tok.encode(text)
-    except ValueError as exc:
-        raise ValueError(f"the input has {exc} (task {tok.task})") from None
-    return tok.decode(decode(model, tok, src[None], beam_size, length_penalty)[0, 1:])
-
-
 def run(args) -> None:
-    from ..training.seq2seq import load_seq2seq
+    from ..training.seq2seq import check_length_penalty, load_seq2seq, translate
     if args.beam_size < 1:
         raise ValueError(f"--beam-size must be >= 1; got {args.beam_size}")
     check_length_penalty(args.length_penalty)

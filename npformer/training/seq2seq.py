@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import backend, random
-from ..data.tasks import BOS, EOS, PAD, TaskTokenizer, get_task, make_batch
+from ..data.tasks import BOS, EOS, PAD, TASKS, TaskTokenizer, get_task, make_batch
 from ..autograd import no_grad
 from ..models.decoding import beam_search
 from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
@@ -91,8 +91,7 @@ class Seq2SeqTrainConfig:
             raise ValueError(f"--lr-factor must be a positive number; got {self.lr_factor}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
             raise ValueError(f"--keep must be >= 0 (0 keeps all); got {self.keep!r}")
-        if not math.isfinite(self.length_penalty):
-            raise ValueError(f"--length-penalty must be a finite number; got {self.length_penalty}")
+        check_length_penalty(self.length_penalty)
         interval = max_iters if self.eval_interval is None else self.eval_interval
         if interval < 1:
             raise ValueError(f"--eval-interval must be a positive integer; got {interval}")
@@ -241,6 +240,32 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
             log("no attention maps: matplotlib is not installed (pip install matplotlib)")
     log(f"done: {cfg.max_iters} steps in {format_seconds(train_seconds)} of training; checkpoint in {cfg.out}")
     return {"task": cfg.task, "steps": cfg.max_iters, **results, "out": cfg.out}
+
+
+def check_length_penalty(alpha: float) -> None:
+    """ValueError unless alpha is finite: nan scores every hypothesis nan (none ever finishes, the output
+    is empty) and inf scores every one longer than a token 0, so the search ends on an arbitrary one.
+    Any finite alpha is meaningful (negative favours short outputs) and keeps the search exact."""
+    if not math.isfinite(alpha):
+        raise ValueError(f"--length-penalty must be a finite number; got {alpha}")
+
+
+def translate(model, tok, meta: dict, text: str, beam_size: int = 1, length_penalty: float = 0.6) -> str:
+    """The model's output text for one source text; ValueError for an input it cannot take."""
+    check_length_penalty(length_penalty)
+    if not text:
+        raise ValueError("the input text is empty")
+    if tok.task in TASKS:
+        text = TASKS[tok.task]().parse_source(text)
+    limit = min(int(meta.get("max_src_len", model.config.max_len)), model.config.max_len)
+    if len(text) > limit:
+        raise ValueError(f"the input has {len(text)} characters; this {meta.get('task', 'seq2seq')} model takes "
+                         f"at most {limit}")
+    try:
+        src = tok.encode(text)
+    except ValueError as exc:
+        raise ValueError(f"the input has {exc} (task {tok.task})") from None
+    return tok.decode(decode(model, tok, src[None], beam_size, length_penalty)[0, 1:])
 
 
 def load_seq2seq(path: str, device: str = None):
