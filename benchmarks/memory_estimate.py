@@ -137,7 +137,7 @@ def measure(settings: dict, mode: str = "train", steps: int = 3) -> dict:
                 else:
                     parallel.forward_backward(model, x, y, cfg.workers, shards=cfg.shards)
                 clip_grad_norm(model.parameters(), cfg.grad_clip)
-                opt.step(threads=cfg.workers)
+                parallel.step_in_threads(opt, cfg.workers)
             opt.zero_grad()
         private = sampler.stop()
         workers_kb = {p: max(private[p], _status_kb(p, "VmHWM") - start[p]) for p in pids}

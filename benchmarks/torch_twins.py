@@ -89,7 +89,7 @@ def npformer_step(model, x, y, opt, threads=None, shards=None):
     from npformer import backend
     from npformer.optim import clip_grad_norm
     from npformer.training import workers
-    from npformer.training.parallel import blas_context, check_threads, forward_backward
+    from npformer.training.parallel import blas_context, check_threads, forward_backward, step_in_threads
 
     threads = check_threads(threads, backend.device_of(x))
     pool = workers.ShardWorkers(model, threads) if threads > 1 and workers.available() else None
@@ -101,7 +101,7 @@ def npformer_step(model, x, y, opt, threads=None, shards=None):
             else:
                 forward_backward(model, x, y, threads, shards=shards)
             clip_grad_norm(model.parameters(), 1.0)
-            opt.step(threads=threads)
+            step_in_threads(opt, threads)
         opt.zero_grad()
     step.worker_pids = pool.pids if pool is not None else []
     return step

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from . import backend, cpu
+from . import backend
 
 _state = threading.local()
 
@@ -72,49 +72,6 @@ def set_grad_enabled(enabled: bool):
         _state.grad_enabled = prev
 
 
-@contextlib.contextmanager
-def collect_leaf_grads(sink=None):
-    """Within the block, backward() on this thread hands leaf gradients to a list instead of ``.grad``.
-
-    Yields the list; each backward appends ``(leaf, gradient)`` pairs, one per leaf it reached,
-    as soon as that leaf's gradient is complete (right after the backward of its last consumer,
-    while the array is still in cache). ``accumulate(pairs)`` adds them to ``.grad`` later. The
-    data-parallel training step (npformer.training.parallel) runs one backward per thread this
-    way and then accumulates the threads' gradients in a fixed order, so the result does not
-    depend on timing. sink: any object with ``append((leaf, gradient))`` to use instead of a
-    new list (to sum or copy each gradient as it arrives).
-    """
-    prev = getattr(_state, "leaf_sink", None)
-    _state.leaf_sink = sink = [] if sink is None else sink
-    try:
-        yield sink
-    finally:
-        _state.leaf_sink = prev
-
-
-def accumulate(pairs, threads: int = 1) -> None:
-    """Add each ``(leaf, gradient)`` pair collected by ``collect_leaf_grads`` to the leaf's ``.grad``.
-
-    A leaf's gradients are added in the order of `pairs` (so the float result is fixed); a leaf
-    without a ``.grad`` gets the sum of its first two as a new array (one pass instead of a
-    copy and an add). threads: the leaves are shared out among this many threads.
-    """
-    by_leaf = {}
-    for t, g in pairs:
-        by_leaf.setdefault(id(t), (t, []))[1].append(g)
-
-    def add(items):
-        for t, gs in items:
-            if t.grad is None and len(gs) > 1 and gs[0].dtype == gs[1].dtype == t.dtype:
-                t.grad = gs[0] + gs[1]
-                gs = gs[2:]
-            for g in gs:
-                t._accumulate(g)
-    items = list(by_leaf.values())
-    parts = [items[i::threads] for i in range(threads)] if threads > 1 else [items]
-    cpu.run_in_threads([lambda part=part: add(part) for part in parts if part])
-
-
 def no_grad():
     """Context manager: ops inside record no graph and their results need no grad."""
     return set_grad_enabled(False)
@@ -148,12 +105,17 @@ def _topological_order(root):
     return order
 
 
-def backward(root, grad=None, retain_graph: bool = False) -> None:
+def backward(root, grad=None, retain_graph: bool = False, sink=None) -> None:
     """Accumulate d(root)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
 
     root: the tensor to differentiate. grad: d(loss)/d(root), same shape as root;
     may be omitted only when root has one element (it is then 1).
     retain_graph: keep the recorded graph so backward can run through it again.
+    sink: a callable ``sink(leaf, gradient)`` that receives each leaf's gradient instead of
+    ``leaf.grad`` (which is then not touched), once per leaf, as soon as that gradient is
+    complete: right after the backward of the leaf's last consumer, while the array is still
+    in cache. The array may be shared (``add`` hands one array to both inputs; it may be
+    `grad` itself), so the sink must not write into it. A retained non-leaf still gets ``.grad``.
     """
     if not root.requires_grad:
         raise RuntimeError("backward: the tensor does not require grad and has no grad_fn "
@@ -176,7 +138,6 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
 
     start = root._node if root._node is not None else root
     grads = {id(start): grad}
-    sink = getattr(_state, "leaf_sink", None)
     order = _topological_order(start)
     del root, start          # popping items off `order` then lets each node's saved arrays go
     while order:             # as soon as its backward has run, instead of after the whole pass
@@ -190,7 +151,7 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
             if sink is None:
                 t._accumulate(g)
             else:
-                sink.append((t, g))
+                sink(t, g)
             continue
         if t.freed:
             raise RuntimeError("backward: trying to backward through the graph a second time; "

@@ -20,7 +20,7 @@ import importlib
 import os
 import sys
 
-from . import commands
+from . import commands, cpu
 from .training.rundir import check_resume_target
 from .training.stopping import Interrupted
 
@@ -55,6 +55,7 @@ def build_parser(resume_defaults: dict = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    cpu.tune_allocator()                # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0 keeps the system's)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:

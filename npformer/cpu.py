@@ -8,8 +8,11 @@ Two things outside NumPy decide how fast a NumPy training step runs:
   activations back in: about 60,000 page faults and 15% of a step on the large benchmark
   config. ``tune_allocator()`` raises the mmap threshold to 32 MB (glibc's maximum) and the
   trim threshold to 256 MB, so freed arrays are reused from the heap. It changes no
-  result, only how soon freed memory goes back to the kernel. npformer calls it once at
-  import on glibc systems; set ``NPFORMER_TUNE_MALLOC=0`` to keep the system's settings.
+  result, only how soon freed memory goes back to the kernel. It is a setting of the whole
+  process, so ``import npformer`` does not call it: the ``npformer`` command, ``pretrain()`` and
+  the data-parallel training step (``npformer.training.parallel``, ``.workers``) do, on glibc
+  systems; set ``NPFORMER_TUNE_MALLOC=0`` to keep the system's settings. ``allocator_tuned()``
+  says whether it ran.
 
 - **BLAS threads.** OpenBLAS splits each GEMM over its own threads, whose workers spin for
   a while after every call. npformer's data-parallel step
@@ -56,6 +59,11 @@ def tune_allocator() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _allocator_tuned = ok
     return ok
+
+
+def allocator_tuned() -> bool:
+    """True once tune_allocator() has set glibc's thresholds in this process."""
+    return _allocator_tuned
 
 
 # OpenBLAS's thread-count functions under the names NumPy's builds export them.

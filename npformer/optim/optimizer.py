@@ -26,7 +26,7 @@ import numbers
 
 import numpy as np
 
-from .. import autograd, backend, cpu
+from .. import autograd, backend
 from ..tensor import Tensor
 
 
@@ -49,24 +49,12 @@ def nonnegative(name: str, value) -> float:
 
 # ----------------------------------------------------------------------------- the base class
 
-def _balanced(work: list, parts: int) -> list:
-    """`work` cut into at most `parts` consecutive runs holding about equal numbers of elements."""
-    sizes = [p.data.size for p, _, _ in work]
-    total = sum(sizes)
-    if parts <= 1 or len(work) <= 1 or total == 0:
-        return [work]
-    runs, start, acc = [], 0, 0
-    for i, n in enumerate(sizes):
-        acc += n
-        if acc >= total * (len(runs) + 1) / parts and len(runs) < parts - 1:
-            runs.append(work[start:i + 1])
-            start = i + 1
-    runs.append(work[start:])
-    return [r for r in runs if r]
-
-
 class Optimizer:
     """Base class: holds param_groups and state; subclasses define `_check_options` and `_update`.
+
+    ``step()`` is ``update(p, options)`` for each ``(p, options)`` of ``params_to_update()``;
+    a caller may run those updates in another order or concurrently: each touches only its
+    parameter and that parameter's state.
 
     params: an iterable of Tensors, or of dicts {"params": iterable of Tensors, option: value}
     defaults: option -> default value for every group
@@ -130,22 +118,28 @@ class Optimizer:
                 else:
                     p.grad[...] = 0
 
-    def step(self, closure=None, threads: int = 1):
+    def step(self, closure=None):
         """One update of every parameter that has a grad; returns closure() when given (else None).
 
-        threads: split the parameters into this many groups of about equal size, updated
-        concurrently (npformer.cpu.run_in_threads; NumPy releases the GIL in its loops). Each
-        parameter's update is the same whatever the split.
+        closure: a callable that recomputes the loss (and its gradients), run with grad enabled.
         """
-        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-            raise ValueError(f"threads must be a positive integer; got {threads!r}")
         loss = None
         if closure is not None:
             with autograd.set_grad_enabled(True):
                 loss = closure()
-        work = []                     # (parameter, its state, its group's options), checked first
+        for p, opts in self.params_to_update():
+            self.update(p, opts)
+        return loss
+
+    def params_to_update(self) -> list:
+        """``[(parameter, its group's options)]`` for every parameter with a grad, in group order.
+
+        Checks every group's options (normalised in place: groups are editable) and every grad's
+        shape first, so that a bad one raises before any parameter changes.
+        """
+        work = []
         for gi, group in enumerate(self.param_groups):
-            opts = self._check_options(group)  # re-checked (and made Python floats): groups are editable
+            opts = self._check_options(group)
             group.update(opts)
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -153,16 +147,19 @@ class Optimizer:
                 if tuple(p.grad.shape) != p.shape:
                     raise ValueError(f"{_label(group, gi, i)}: grad shape {tuple(p.grad.shape)} "
                                      f"does not match parameter shape {p.shape}")
-                work.append((p, self.state.get(p, {}), opts))
+                work.append((p, opts))
+        return work
 
-        def update(items):
-            for p, state, opts in items:
-                self._update(p.data, p.grad, state, opts)
-        cpu.run_in_threads([lambda part=part: update(part) for part in _balanced(work, int(threads))])
-        for p, state, _ in work:
-            if state:  # SGD without momentum keeps none
-                self.state[p] = state
-        return loss
+    def update(self, p: Tensor, opts: dict) -> None:
+        """Update parameter `p` in place from ``p.grad`` with options `opts` (from ``params_to_update``).
+
+        Its state is created on its first update and kept in ``self.state[p]`` when not empty
+        (SGD without momentum keeps none). Touches nothing of any other parameter.
+        """
+        state = self.state.get(p, {})
+        self._update(p.data, p.grad, state, opts)
+        if state:
+            self.state[p] = state
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict:

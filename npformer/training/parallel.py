@@ -18,11 +18,19 @@ n_i counted targets (targets equal to ``ignore_index`` do not count) and N = sum
 
     loss = sum_i (n_i / N) loss_i,    so    d loss = sum_i (n_i / N) d loss_i,
 
-which is the mean over all N targets. Each shard's leaf gradients are collected
-(``autograd.collect_leaf_grads``), summed per thread in shard order, and added to ``.grad`` in
-thread order once every thread has finished: the result does not depend on timing, and a
-shard that raises leaves every ``.grad`` as it was. The sums are split differently from a one-thread step, so the two agree
-to rounding (float64: ~1e-15 relative), not bit for bit.
+which is the mean over all N targets. Each shard's backward hands its leaf gradients to a sink
+(``autograd.backward(loss, sink=...)``) instead of ``.grad``; they are summed per thread in shard
+order, and added to ``.grad`` in thread order once every thread has finished (``accumulate``):
+the result does not depend on timing, and a shard that raises leaves every ``.grad`` as it was.
+The sums are split differently from a one-thread step, so the two agree to rounding (float64:
+~1e-15 relative), not bit for bit.
+
+The optimizer step can run on threads too: ``step_in_threads(opt, threads)`` updates balanced
+groups of parameters concurrently, bit for bit as ``opt.step()`` does.
+
+The data-parallel entry points (``forward_backward`` here, ``workers.ShardWorkers``) tune the
+C allocator on the CPU (``cpu.tune_allocator``; ``NPFORMER_TUNE_MALLOC=0`` keeps the system's
+settings): ``import npformer`` alone leaves it alone.
 
 Dropout: shard i draws from its own generator, seeded at every step from the global
 generator of the device, so a run is reproducible for a given thread and shard count.
@@ -120,30 +128,28 @@ def run_shards(model, pieces, device: str = "cpu", sink=None):
 
     Returns ([(leaf, summed gradient)], summed weighted loss). The leaf gradients of the pieces
     are summed in order, each as backward completes it; nothing touches ``.grad``.
-    sink: an object with ``append((leaf, gradient))`` that takes every piece's gradients
-    instead (the caller sums them); the list returned is then empty.
+    sink: a callable ``sink(leaf, gradient)`` (see ``autograd.backward``) that takes every
+    piece's gradients instead (the caller sums them); the list returned is then empty.
     """
     summing = _Summing() if sink is None else sink
     loss_part = 0.0
     for x, y, weight, seed in pieces:
         if weight == 0.0:                                      # nothing counted here
             continue
-        with random.thread_default_generator(random.Generator(seed, device), device), \
-                autograd.collect_leaf_grads(summing):
+        with random.thread_default_generator(random.Generator(seed, device), device):
             _, loss = model(x, y)
-            (loss * weight).backward()
+            autograd.backward(loss * weight, sink=summing)
         loss_part += weight * loss.item()
     return (summing.pairs() if sink is None else []), loss_part
 
 
 class _Summing:
-    """A leaf-gradient sink (autograd.collect_leaf_grads) summing each leaf's gradients in arrival order."""
+    """A leaf-gradient sink (autograd.backward's `sink`) summing each leaf's gradients in arrival order."""
 
     def __init__(self):
         self._summed = {}                                      # id(leaf) -> [leaf, gradient, ours]
 
-    def append(self, pair) -> None:
-        t, g = pair
+    def __call__(self, t, g) -> None:
         entry = self._summed.get(id(t))
         if entry is None:
             self._summed[id(t)] = [t, g, False]                # g may be shared: not written
@@ -154,6 +160,59 @@ class _Summing:
 
     def pairs(self) -> list:
         return [(t, g) for t, g, _ in self._summed.values()]
+
+
+def accumulate(pairs, threads: int = 1) -> None:
+    """Add each ``(leaf, gradient)`` pair to the leaf's ``.grad``, as backward would have.
+
+    A leaf's gradients are added in the order of `pairs` (so the float result is fixed); a leaf
+    without a ``.grad`` gets the sum of its first two as a new array (one pass instead of a
+    copy and an add). No gradient array in `pairs` is written. threads: the leaves are shared
+    out among this many threads.
+    """
+    by_leaf = {}
+    for t, g in pairs:
+        by_leaf.setdefault(id(t), (t, []))[1].append(g)
+
+    def add(items):
+        for t, gs in items:
+            if t.grad is None and len(gs) > 1 and gs[0].dtype == gs[1].dtype == t.dtype:
+                t.grad = gs[0] + gs[1]
+                gs = gs[2:]
+            for g in gs:
+                t._accumulate(g)
+    items = list(by_leaf.values())
+    parts = [items[i::threads] for i in range(threads)] if threads > 1 else [items]
+    cpu.run_in_threads([lambda part=part: add(part) for part in parts if part])
+
+
+def _balanced(work: list, parts: int) -> list:
+    """`work` [(parameter, ...)] cut into at most `parts` consecutive runs of about equal numbers of elements."""
+    sizes = [item[0].data.size for item in work]
+    total = sum(sizes)
+    if parts <= 1 or len(work) <= 1 or total == 0:
+        return [work]
+    runs, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= total * (len(runs) + 1) / parts and len(runs) < parts - 1:
+            runs.append(work[start:i + 1])
+            start = i + 1
+    runs.append(work[start:])
+    return [r for r in runs if r]
+
+
+def step_in_threads(opt, threads: int) -> None:
+    """``opt.step()`` with the parameters split into `threads` groups of about equal size, updated concurrently.
+
+    Every parameter gets the same update, bit for bit, as in ``opt.step()`` (each one is
+    ``opt.update(p, options)`` on one thread; NumPy releases the GIL in its loops). All grads
+    are checked before any parameter changes. threads: a positive int; None for default_threads().
+    """
+    threads = check_threads(threads, "cpu")
+    work = opt.params_to_update()
+    cpu.run_in_threads([lambda part=part: [opt.update(p, opts) for p, opts in part]
+                        for part in _balanced(work, threads)])
 
 
 def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=None) -> float:
@@ -168,10 +227,13 @@ def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=N
     better; measured no slower than one shard per thread, with 30% less peak memory on the
     large benchmark config). threads = shards = 1 is a plain forward and backward.
     Gradients are added to each parameter's ``.grad`` (as ``loss.backward()`` does).
-    Returns the full-batch loss as a Python float.
+    Returns the full-batch loss as a Python float. On the CPU it first tunes the C allocator
+    (``cpu.tune_allocator``, once per process).
     """
     check_batch(x, y)
     device = backend.device_of(x)
+    if device == "cpu":
+        cpu.tune_allocator()
     shards, threads, pieces = plan_shards(x, y, check_threads(threads, device), shards, ignore_index, device)
     if shards == 1:
         _, loss = model(x, y)
@@ -183,5 +245,5 @@ def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=N
 
     with cpu.blas_threads(1):
         results = cpu.run_in_threads([lambda j=j: run_thread(j) for j in range(threads)])
-        autograd.accumulate([pair for grads, _ in results for pair in grads], threads)   # in thread order
+        accumulate([pair for grads, _ in results for pair in grads], threads)   # in thread order
     return float(sum(part for _, part in results))

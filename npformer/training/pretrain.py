@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import backend, random
+from .. import backend, cpu, random
 from ..autograd import no_grad
 from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, default_corpus,
                     load_text)
@@ -244,6 +244,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
 
 def _pretrain(cfg: PretrainConfig, log) -> dict:
     t_start = time.perf_counter()
+    cpu.tune_allocator()                    # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0: leave it)
     ckpt = None
     if cfg.resume:
         ckpt = load_for_resume(cfg.out)
@@ -346,7 +347,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                     train_loss = step_fb(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
                     if cfg.grad_clip > 0:
                         clip_grad_norm(model.parameters(), cfg.grad_clip)
-                    opt.step(threads=cfg.workers)
+                    parallel.step_in_threads(opt, cfg.workers)
                 opt.zero_grad()
                 step += 1
                 train_seconds += time.perf_counter() - t_step

@@ -28,6 +28,8 @@ How it works (Linux, where ``fork`` is safe with NumPy and OpenBLAS; CPU only):
   and dtype are unchanged; otherwise the step raises. Workers ignore Ctrl-C (the parent handles
   it) and exit when the parent closes them (``close()``, or when the ShardWorkers is garbage
   collected) or dies.
+- Making a ShardWorkers tunes the C allocator (``cpu.tune_allocator``, inherited by the workers;
+  ``NPFORMER_TUNE_MALLOC=0`` keeps the system's settings).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ _fork_lock = threading.Lock()
 
 
 class _IntoBlock:
-    """A leaf-gradient sink (autograd.collect_leaf_grads) summing into a worker's shared block.
+    """A leaf-gradient sink (autograd.backward's `sink`) summing into a worker's shared block.
 
     block: one array per parameter; index: id(parameter) -> its place. The first gradient of a
     parameter is copied in, later ones (other shards) are added. ``done`` lists the places written.
@@ -106,8 +108,7 @@ class _IntoBlock:
     def __init__(self, block, index: dict):
         self.block, self.index, self.done, self._seen = block, index, [], set()
 
-    def append(self, pair) -> None:
-        t, g = pair
+    def __call__(self, t, g) -> None:
         i = self.index.get(id(t))
         if i is None:
             raise ValueError("the loss depends on a tensor that requires grad but is not a parameter of the "
@@ -194,6 +195,7 @@ class ShardWorkers:
             raise ValueError(f"ShardWorkers: the parameters must be on the cpu and of one float dtype; "
                              f"got devices {sorted(devices)} and dtypes {sorted(map(str, dtypes))}")
         self.model, self.workers, self.params = model, workers, params
+        cpu.tune_allocator()     # before the fork, so that the workers inherit the thresholds
         self._ids = [id(p) for p in params]
         dtype = next(iter(dtypes))
         total = sum(p.data.size for p in params)
@@ -372,7 +374,7 @@ class ShardWorkers:
             # copies out of the shared blocks, in worker order; one thread: the operands are cold
             # in this core's caches and a second thread measured slower (0.6 against 1.3 ms on
             # the small benchmark config, the same on the large one)
-            autograd.accumulate(pairs, 1)
+            parallel.accumulate(pairs, 1)
         return float(loss)
 
     @property
