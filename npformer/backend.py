@@ -135,22 +135,32 @@ def to_numpy(a) -> np.ndarray:
 def scatter_add(target, index, values) -> None:
     """In place: target[index] += values, adding repeated indices once each.
 
-    NumPy spells this ``np.add.at``; CuPy ``cupyx.scatter_add``. Rows picked by a 1-D index
-    (the embedding backward) go through a 1-D ``np.add.at`` on element indices: NumPy's fast
-    path for 1-D targets, 3x faster, adding in the same order (so with the same result).
+    NumPy spells this ``np.add.at``; CuPy ``cupyx.scatter_add``.
     """
     if isinstance(target, np.ndarray):
-        if (isinstance(index, np.ndarray) and target.ndim >= 2 and index.ndim == 1 and index.dtype.kind in "iu" and index.size
-                and target.flags.c_contiguous and np.shape(values) == index.shape + target.shape[1:]
-                and 0 <= int(index.min()) and int(index.max()) < target.shape[0]):
-            row = target[0].size
-            flat = (index.astype(np.intp)[:, None] * row + np.arange(row)).reshape(-1)
-            np.add.at(target.reshape(-1), flat, np.asarray(values).reshape(-1))
-        else:
-            np.add.at(target, index, values)
+        np.add.at(target, index, values)
     else:
         import cupyx
         cupyx.scatter_add(target, index, values)
+
+
+def scatter_add_rows(target, index, values) -> None:
+    """scatter_add for rows of `target` (V, ...) picked by `index`: target[index[n]] += values[n].
+
+    The fast embedding backward's. On the CPU it goes through a 1-D ``np.add.at`` on element
+    indices, NumPy's fast path for 1-D targets: 3x faster than add.at on rows, adding in the
+    same order (so with the same result). Elsewhere, and for indices it cannot take, it is
+    scatter_add.
+    """
+    if (isinstance(target, np.ndarray) and isinstance(index, np.ndarray) and target.ndim >= 2
+            and index.dtype.kind in "iu" and index.size and target.flags.c_contiguous
+            and np.shape(values) == index.shape + target.shape[1:]
+            and 0 <= int(index.min()) and int(index.max()) < target.shape[0]):
+        row = target[0].size
+        flat = (index.reshape(-1).astype(np.intp)[:, None] * row + np.arange(row)).reshape(-1)
+        np.add.at(target.reshape(-1), flat, np.asarray(values).reshape(-1))
+    else:
+        scatter_add(target, index, values)
 
 
 def elementwise_pieces(size: int, device: str, piece: int) -> list:

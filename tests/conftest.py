@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import npformer
 from npformer import backend
 
 settings.register_profile(
@@ -38,6 +39,22 @@ def pytest_collection_modifyitems(config, items):
 def _no_debug(monkeypatch):
     """NPFORMER_DEBUG unset: the CLI's errors are one line, never a traceback, in every test."""
     monkeypatch.delenv("NPFORMER_DEBUG", raising=False)
+
+
+@pytest.fixture(params=["reference", "fast"])
+def ops_path(request):
+    """Each test that uses it runs twice: under npformer.ops.use("reference") and use("fast")."""
+    with npformer.ops.use(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="module")
+def fast_ops():
+    """The fast path for a whole module, here and in the interpreters it starts (NPFORMER_OPS=fast):
+    for tests that measure what the fast ops hold, such as the memory estimate's."""
+    with pytest.MonkeyPatch.context() as mp, npformer.ops.use("fast"):
+        mp.setenv("NPFORMER_OPS", "fast")
+        yield
 
 
 @pytest.fixture

@@ -184,14 +184,15 @@ def test_scatter_add_repeated_indices(xp):
 
 @given(rows=st.integers(1, 7), tail=st.sampled_from([(), (1,), (3,), (2, 3)]), n=st.integers(0, 12),
        dtype=st.sampled_from([np.float32, np.float64]), negative=st.booleans(), seed=st.integers(0, 2**16))
-def test_scatter_add_on_the_cpu_equals_add_at_bit_for_bit(rows, tail, n, dtype, negative, seed):
-    # rows picked by a 1-D index take a flattened fast path; it must add in np.add.at's order
+def test_scatter_add_rows_on_the_cpu_equals_add_at_bit_for_bit(rows, tail, n, dtype, negative, seed):
+    # the fast embedding backward's rows, picked by a 1-D index, go through a flattened 1-D
+    # np.add.at; it must add in np.add.at's order
     rng = np.random.default_rng(seed)
     index = rng.integers(-rows if negative else 0, rows, n)
     values = rng.standard_normal((n,) + tail).astype(dtype)
     start = rng.standard_normal((rows,) + tail).astype(dtype)
     mine, reference = start.copy(), start.copy()
-    backend.scatter_add(mine, index, values)
+    backend.scatter_add_rows(mine, index, values)
     np.add.at(reference, index, values)
     np.testing.assert_array_equal(mine, reference)
 

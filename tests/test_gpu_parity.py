@@ -18,6 +18,7 @@ from npformer.ops import OPS
 from tests.helpers import host
 
 RTOL, ATOL = 1e-10, 1e-12
+pytestmark = pytest.mark.usefixtures("ops_path")   # every comparison on the reference and the fast path
 
 
 def _on(device, a):
@@ -43,6 +44,7 @@ def _cases():
     mask, pick = r.random((3, 4)) > 0.5, r.random((5, 3)) > 0.5     # drawn once: same on every device
     return {
         "abs": ([n(3, 4)], lambda d, a: nf.abs(a)),
+        "astype": ([n(3, 4)], lambda d, a: nf.astype(nf.astype(a, np.float32), np.float64)),
         "add": ([n(3, 4), n(4)], lambda d, a, b: a + b),
         "concatenate": ([n(2, 3), n(1, 3)], lambda d, a, b: nf.concatenate([a, b], axis=0)),
         "cross_entropy": ([n(4, 5), n(2, 3, 4)], lambda d, x, y: (
@@ -62,7 +64,7 @@ def _cases():
         "attention": ([n(2, 3, 4), n(2, 5, 4), n(2, 5, 3)],
                       lambda d, q, k, v: (nf.attention(q, k, v), nf.attention(q, k, v, _on(d, np.tri(3, 5, dtype=bool))),
                                                          nf.attention(q, k, v, causal=True))),
-        # T = 130 takes the causal block path (CAUSAL_BLOCK = 64) on both devices
+        # T = 130: the fast path takes its causal blocks (CAUSAL_BLOCK = 64) on both devices
         "self_attention": ([n(2, 130, 12)], lambda d, x: (nf.self_attention(x, 2, causal=True),
                                                           nf.self_attention(x[:, :5, :6], 2))),
         "linear": ([n(2, 3, 4), n(5, 4), n(5)], lambda d, x, w, b: (nf.linear(x, w, b), nf.linear(x, w))),

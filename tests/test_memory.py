@@ -40,6 +40,8 @@ MEASURED = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("fast_ops")     # the estimate describes the fast ops
+
 def _measure(mode, settings):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("NPFORMER_DEVICE", None)

@@ -1,9 +1,8 @@
 """Property tests for the fused attention op: forward against a NumPy formula, float64
 gradcheck over drawn shapes, broadcast batch axes and masks (bool and additive), fully
-masked rows, dropout, float32 kept, and errors."""
+masked rows, dropout, float32 kept, and errors. Every test runs on the reference and on the
+fast path; the fast versions' blocks are tested in tests/test_fast.py."""
 
-import contextlib
-import importlib
 import math
 
 import numpy as np
@@ -16,6 +15,7 @@ from tests.helpers import DEVICE, T, host
 from tests.strategies import arrays, assert_close, check_float32
 
 COVERED_OPS = {"attention", "self_attention"}
+pytestmark = pytest.mark.usefixtures("ops_path")
 
 
 def reference(q, k, v, mask=None, scale=1.0):
@@ -96,13 +96,12 @@ def test_bad_shapes_name_the_op_and_shapes():
     assert "attention" in str(info.value) and "(3, 4)" in str(info.value) and "(5, 3)" in str(info.value)
 
 
-@given(L=st.integers(1, 9), E=st.integers(1, 3), Ev=st.integers(1, 3), block=st.integers(1, 4),
+@given(L=st.integers(1, 9), E=st.integers(1, 3), Ev=st.integers(1, 3),
        batch=st.sampled_from([(), (2,), (2, 3)]), dtype=st.sampled_from([np.float64, np.float32]),
        data=st.data())
-def test_causal_blocks_match_the_masked_computation_and_gradcheck(L, E, Ev, block, batch, dtype, data):
-    """causal=True in blocks of `block` query rows: same output and gradients as the tri mask."""
-    with causal_block(block):
-        _check_causal(L, E, Ev, batch, dtype, data)
+def test_causal_matches_the_masked_computation_and_gradchecks(L, E, Ev, batch, dtype, data):
+    """causal=True: same output and gradients as the lower-triangle mask."""
+    _check_causal(L, E, Ev, batch, dtype, data)
 
 
 def _check_causal(L, E, Ev, batch, dtype, data):
@@ -125,17 +124,6 @@ def _check_causal(L, E, Ev, batch, dtype, data):
         assert nf.gradcheck(lambda a, b, c: nf.attention(a, b, c, scale=0.7, causal=True), inputs)
 
 
-@contextlib.contextmanager
-def causal_block(n):
-    """npformer.ops.attention.CAUSAL_BLOCK set to `n` inside the block."""
-    mod = importlib.import_module("npformer.ops.attention")
-    saved, mod.CAUSAL_BLOCK = mod.CAUSAL_BLOCK, n
-    try:
-        yield
-    finally:
-        mod.CAUSAL_BLOCK = saved
-
-
 def test_causal_with_a_mask_is_refused():
     x = T(np.ones((3, 2)))
     with pytest.raises(ValueError, match="attention: causal=True cannot be combined with a mask"):
@@ -154,28 +142,27 @@ def _split_heads_reference(x, n_head, **kw):
     return nf.reshape(nf.transpose(y, -3, -2), tuple(batch) + (T_, E))
 
 
-@given(T_=st.integers(1, 7), n_head=st.integers(1, 3), D=st.integers(1, 3), block=st.integers(1, 4),
+@given(T_=st.integers(1, 7), n_head=st.integers(1, 3), D=st.integers(1, 3),
        batch=st.sampled_from([(), (2,), (2, 1)]), causal=st.booleans(),
        dtype=st.sampled_from([np.float64, np.float32]), data=st.data())
-def test_self_attention_equals_the_split_heads_computation_and_gradchecks(T_, n_head, D, block, batch, causal,
+def test_self_attention_equals_the_split_heads_computation_and_gradchecks(T_, n_head, D, batch, causal,
                                                                           dtype, data):
-    """Same output and gradient as split / reshape / transpose / attention / merge; blocks of 1-4 rows."""
+    """Same output and gradient as split / reshape / transpose / attention / merge."""
     x = data.draw(arrays(batch + (T_, 3 * n_head * D)), label="qkv").astype(dtype)
     g = data.draw(arrays(batch + (T_, n_head * D)), label="g").astype(dtype)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
-    with causal_block(block):
-        results = []
-        for fn in (lambda t: _split_heads_reference(t, n_head, causal=causal),
-                   lambda t: nf.self_attention(t, n_head, causal=causal)):
-            t = T(x, requires_grad=True)
-            out = fn(t)
-            assert out.dtype == dtype and out.shape == batch + (T_, n_head * D)
-            out.backward(T(g).data)
-            results.append((host(out), host(t.grad)))
-        for a, b in zip(*results):
-            np.testing.assert_allclose(b, a, **tol)
-        if dtype == np.float64:
-            assert nf.gradcheck(lambda t: nf.self_attention(t, n_head, scale=0.8, causal=causal), [T(x, True)])
+    results = []
+    for fn in (lambda t: _split_heads_reference(t, n_head, causal=causal),
+               lambda t: nf.self_attention(t, n_head, causal=causal)):
+        t = T(x, requires_grad=True)
+        out = fn(t)
+        assert out.dtype == dtype and out.shape == batch + (T_, n_head * D)
+        out.backward(T(g).data)
+        results.append((host(out), host(t.grad)))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, **tol)
+    if dtype == np.float64:
+        assert nf.gradcheck(lambda t: nf.self_attention(t, n_head, scale=0.8, causal=causal), [T(x, True)])
 
 
 def test_self_attention_dropout_matches_the_split_heads_computation():

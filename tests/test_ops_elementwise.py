@@ -11,6 +11,7 @@ from tests.strategies import (arrays, assert_close, broadcast_pairs, check_float
                               separated_pair, shapes)
 
 COVERED_OPS = {"add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "abs", "maximum", "minimum"}
+pytestmark = pytest.mark.usefixtures("ops_path")   # every test on the reference and the fast path
 
 # name -> (op, NumPy formula, domain of a, domain of b)
 BINARY = {

@@ -14,6 +14,7 @@ from tests.helpers import DEVICE, T, host
 from tests.strategies import arrays, assert_close, check_float32, gradcheck_all, shapes
 
 COVERED_OPS = {"softmax", "log_softmax", "cross_entropy", "layer_norm", "embedding", "dropout"}
+pytestmark = pytest.mark.usefixtures("ops_path")   # every test on the reference and the fast path
 
 
 # ----------------------------------------------------------------------------- softmax, log_softmax

@@ -12,6 +12,7 @@ from tests.helpers import T
 from tests.strategies import arrays, assert_close, check_float32, gradcheck_all
 
 COVERED_OPS = {"matmul", "linear"}
+pytestmark = pytest.mark.usefixtures("ops_path")   # every test on the reference and the fast path
 
 
 @st.composite

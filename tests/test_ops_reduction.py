@@ -11,6 +11,7 @@ from tests.strategies import (arrays, assert_close, check_float32, distinct_arra
                               reduction_args)
 
 COVERED_OPS = {"sum", "mean", "max", "var"}
+pytestmark = pytest.mark.usefixtures("ops_path")   # every test on the reference and the fast path
 
 
 def np_axis(axis, ndim):

@@ -14,6 +14,7 @@ from tests.strategies import (arrays, assert_close, check_float32, gradcheck_all
 
 COVERED_OPS = {"reshape", "permute", "transpose", "expand", "getitem", "concatenate", "stack", "split",
                "where", "masked_fill"}
+pytestmark = pytest.mark.usefixtures("ops_path")   # every test on the reference and the fast path
 
 
 def _signed(draw, ax, ndim):

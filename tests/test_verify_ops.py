@@ -12,7 +12,6 @@ float32 against torch float32: |npformer - torch| <= 1e-7 + 1e-5 |torch| (gelu: 
 from dataclasses import dataclass
 from typing import Callable
 
-import importlib
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 RTOL, ATOL = 1e-10, 1e-12            # float64
+pytestmark = pytest.mark.usefixtures("ops_path")   # every comparison on the reference and the fast path
 # float32: below ~1 ulp of 1.0 a relative comparison says nothing, hence the atol
 RTOL32, ATOL32 = 1e-5, 1e-7
 
@@ -105,6 +105,9 @@ for op, (f_nf, f_th, draw) in UNARY.items():
     case(op, "3d", [draw(2, 3, 4)], f_nf, f_th, f32=True)
     case(op, "0d", [draw()], f_nf, f_th)
 case("abs", "randn", [randn(4, 5)], nf.abs, torch.abs)
+case("astype", "float32-round-trip", [np.random.default_rng(99).standard_normal((3, 4))],     # its own draws
+     lambda a: nf.astype(nf.astype(a, np.float32), np.float64),
+     lambda a: a.float().double())
 case("relu", "randn", [randn(4, 5)], nf.relu, torch.relu)
 case("sigmoid", "large", [np.array([-745.0, -40.0, -5.0, 0.0, 5.0, 40.0, 745.0])], nf.sigmoid, torch.sigmoid)
 case("tanh", "large", [np.array([-30.0, -3.0, 0.0, 3.0, 30.0])], nf.tanh, torch.tanh)
@@ -138,18 +141,23 @@ for label, mask in {"nomask": None, "causal": _causal, "deadrow": _pad, "float":
          lambda q, k, v, m=mask: F.scaled_dot_product_attention(
              q, k, v, attn_mask=None if m is None else torch.as_tensor(m), scale=0.4),
          f32=(label == "causal"))
-for label, block in {"causal-full": 64, "causal-blocks": 2}.items():    # the causal=True path, both ways
-    def _np_causal(q, k, v, b=block):
-        mod = importlib.import_module("npformer.ops.attention")
-        saved, mod.CAUSAL_BLOCK = mod.CAUSAL_BLOCK, b
-        try:
-            return nf.attention(q, k, v, scale=0.4, causal=True)
-        finally:
-            mod.CAUSAL_BLOCK = saved
-    case("attention", label, [randn(2, 3, 7, 6), randn(2, 3, 7, 6), randn(2, 3, 7, 2)], _np_causal,
+def _on_reference(op):
+    """`op` called under npformer.ops.use("reference") (its backward runs what the forward recorded)."""
+    def call(*args, **kwargs):
+        with nf.ops.use("reference"):
+            return op(*args, **kwargs)
+    return call
+
+
+# the causal=True path: the reference, and the fast version with the full scores and in blocks
+_CAUSAL = {"causal-reference": _on_reference(nf.attention),
+           "causal-full": lambda *a, **kw: nf.fast.attention(*a, causal_block=64, **kw),
+           "causal-blocks": lambda *a, **kw: nf.fast.attention(*a, causal_block=2, **kw)}
+for label, fn in _CAUSAL.items():
+    case("attention", label, [randn(2, 3, 7, 6), randn(2, 3, 7, 6), randn(2, 3, 7, 2)],
+         lambda q, k, v, f=fn: f(q, k, v, scale=0.4, causal=True),
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.4),
          f32=(label == "causal-blocks"))
-
 
 
 def _th_self_attention(x, n_head, causal):
@@ -161,16 +169,12 @@ def _th_self_attention(x, n_head, causal):
     return y.transpose(-3, -2).reshape(*batch, T, E)
 
 
-for label, (block, causal) in {"causal-full": (64, True), "causal-blocks": (2, True),
-                               "nomask": (64, False)}.items():
-    def _np_self(x, b=block, c=causal):
-        mod = importlib.import_module("npformer.ops.attention")
-        saved, mod.CAUSAL_BLOCK = mod.CAUSAL_BLOCK, b
-        try:
-            return nf.self_attention(x, 3, causal=c)
-        finally:
-            mod.CAUSAL_BLOCK = saved
-    case("self_attention", label, [randn(2, 7, 18)], _np_self,
+_SELF = {"causal-reference": (_on_reference(nf.self_attention), True),
+         "causal-full": (lambda *a, **kw: nf.fast.self_attention(*a, causal_block=64, **kw), True),
+         "causal-blocks": (lambda *a, **kw: nf.fast.self_attention(*a, causal_block=2, **kw), True),
+         "nomask": (nf.self_attention, False)}
+for label, (fn, causal) in _SELF.items():
+    case("self_attention", label, [randn(2, 7, 18)], lambda x, f=fn, c=causal: f(x, 3, causal=c),
          lambda x, c=causal: _th_self_attention(x, 3, c), f32=(label == "causal-blocks"))
 
 # ----------------------------------------------------------------------------- reductions

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import backend, ops
+from .. import backend, ops, random
 from .. import nn
 from ..nn import functional as F
 from ..tensor import Tensor
@@ -108,21 +108,25 @@ class CausalSelfAttention(nn.Module):
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)                                               # (B, T, 3C)
         p = self.dropout if self.training else 0.0
-        if cache is None:
-            # one fused op for: split qkv into q, k, v, each reshaped to (B, nh, T, hs), then
-            # F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True), heads merged
+        if cache is None and ops.current() == "fast":
+            # fast (npformer.ops.use("fast")): the split, heads, attention and merge below as one
+            # op that reads the heads in place from qkv (docs/derivations.md#packed-self-attention)
             y = ops.self_attention(qkv, nh, causal=True, dropout_p=p)     # (B, T, C)
         else:
+            # reference: split q, k, v, give each head its own axis, attend, merge the heads
             q, k, v = ops.split(qkv, C, axis=2)                            # 3 x (B, T, C)
             q = q.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
             k = k.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
             v = v.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
-            k_all, v_all = cache.append(layer, k.data, v.data)
-            past = k_all.shape[2] - T             # (B, nh, past + T, hs)
-            xp = x.xp
-            # query at absolute position past + i may see keys 0 .. past + i
-            mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
-            y = F.scaled_dot_product_attention(q, Tensor(k_all), Tensor(v_all), attn_mask=mask)
+            if cache is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)   # (B, nh, T, hs)
+            else:
+                k_all, v_all = cache.append(layer, k.data, v.data)        # (B, nh, past + T, hs)
+                past = k_all.shape[2] - T
+                xp = x.xp
+                # query at absolute position past + i may see keys 0 .. past + i
+                mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
+                y = F.scaled_dot_product_attention(q, Tensor(k_all), Tensor(v_all), attn_mask=mask)
             y = y.transpose(1, 2).reshape(B, T, C)                         # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -179,8 +183,11 @@ class GPT(nn.Module):
         weights are drawn on the host, then moved to `device` (NPFORMER_DEVICE when None)."""
         super().__init__()
         self.config = config
-        self.transformer = _Trunk(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # the layers' own default initialisation is overwritten by _init_weights: let it draw from
+        # a throwaway generator rather than the process's global one
+        with random.thread_default_generator(np.random.default_rng(0), "cpu"):
+            self.transformer = _Trunk(config)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight        # weight tying
         self._init_weights(generator)
         self.to(device=device or backend.default_device(), dtype=dtype)

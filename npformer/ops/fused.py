@@ -3,16 +3,13 @@ cross_entropy (log-softmax + NLL with label smoothing), layer_norm; plus
 embedding and dropout.
 
 Each backward is derived in docs/derivations.md and gradient-checked in
-tests/test_ops_fused.py.
+tests/test_ops_fused.py. The fast layer_norm and embedding are in npformer/fast/fused.py.
 """
 
 from __future__ import annotations
 
-import math
-
 from .. import backend, random
-from ..tensor import Tensor
-from ._core import needs, normalize_axis, register, result, tensors
+from ._core import constant, normalize_axis, register, result, tensors
 
 
 @register
@@ -42,12 +39,17 @@ def log_softmax(a, axis=-1):
     (a,) = tensors("log_softmax", a)
     normalize_axis("log_softmax", axis, a.ndim)
     xp = a.xp
-    shifted = a.data - a.data.max(axis=axis, keepdims=True)
-    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    y = log_softmax_array(a.data, axis, xp)
 
     def backward(g):
         return (g - xp.exp(y) * g.sum(axis=axis, keepdims=True),)
     return result(y, (a,), backward, "log_softmax")
+
+
+def log_softmax_array(a, axis, xp):
+    """a - max - log(sum(exp(a - max))) along `axis`: the log-softmax of an array (log_softmax, cross_entropy)."""
+    shifted = a - a.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 @register
@@ -65,12 +67,8 @@ def cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: flo
     Backward: dlogits = (p - q) * g / n, masked where ignored.   (docs/derivations.md#cross-entropy)
     """
     (x,) = tensors("cross_entropy", logits)
-    t = target.data if isinstance(target, Tensor) else target
+    t = constant("cross_entropy", target, x, "target is", "logits are")
     xp = x.xp
-    if not backend.is_array(t):
-        t = xp.asarray(t)
-    if backend.device_of(t) != x.device:
-        raise backend.DeviceMismatchError(f"cross_entropy: target is on {backend.device_of(t)} but logits are on {x.device}")
     if t.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: target must hold integer class indices; got dtype {t.dtype}")
     if reduction not in ("mean", "sum", "none"):
@@ -93,8 +91,7 @@ def cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: flo
         bad = int(safe.max()) if int(safe.max()) >= C else int(safe.min())
         raise IndexError(f"cross_entropy: target {bad} is out of range for {C} classes")
 
-    shifted = z - z.max(axis=1, keepdims=True)
-    logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))   # (M, C)
+    logp = log_softmax_array(z, 1, xp)                                     # (M, C)
     rows = xp.arange(z.shape[0])
     nll = -logp[rows, safe]                                                # (M,)
     eps = float(label_smoothing)
@@ -133,15 +130,43 @@ def cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: flo
 def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """Normalize over the trailing `normalized_shape` axes, then scale and shift.
 
-    y = xhat * weight + bias,  xhat = (a - mean) / sqrt(var + eps)  (biased var).
-    Backward, with dxhat = g * weight and means over the normalized axes:
-      da = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / sqrt(var + eps)
+    mu = mean(x), xc = x - mu, v = mean(xc^2) (biased), rstd = (v + eps)^(-1/2),
+    xhat = xc * rstd, y = xhat * weight + bias. Backward, with dxhat = g * weight and
+    means over the normalized axes:
+      dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
       dweight = sum(g * xhat), dbias = sum(g)  over the other axes.
-    (docs/derivations.md#layer-norm)
+    The backward keeps xhat and rstd.   (docs/derivations.md#layer-norm)
     """
+    a, w, b, normalized_shape = check_layer_norm(a, normalized_shape, weight, bias)
+    x = a.data
+    norm = tuple(range(x.ndim - len(normalized_shape), x.ndim))      # the normalized axes
+    lead = tuple(range(x.ndim - len(normalized_shape)))               # the others
+    mu = x.mean(axis=norm, keepdims=True)
+    xc = x - mu
+    v = (xc * xc).mean(axis=norm, keepdims=True)
+    rstd = (v + eps) ** -0.5
+    xhat = xc * rstd
+    y = xhat
+    if w is not None:
+        y = y * w.data
+    if b is not None:
+        y = y + b.data
+
+    def backward(g):
+        dxhat = g * w.data if w is not None else g
+        dx = rstd * (dxhat - dxhat.mean(axis=norm, keepdims=True)
+                     - xhat * (dxhat * xhat).mean(axis=norm, keepdims=True))
+        dweight = (g * xhat).sum(axis=lead) if w is not None else None
+        dbias = g.sum(axis=lead) if b is not None else None
+        return tuple(d for d, p in ((dx, a), (dweight, w), (dbias, b)) if p is not None)
+    return result(y, tuple(p for p in (a, w, b) if p is not None), backward, "layer_norm")
+
+
+def check_layer_norm(a, normalized_shape, weight, bias):
+    """(a, weight or None, bias or None) as Tensors on one device and normalized_shape as a
+    tuple; raise unless a ends with normalized_shape and weight and bias have that shape."""
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    ins = [a] + [p for p in (weight, bias) if p is not None]
-    ts = tensors("layer_norm", *ins)
+    ts = tensors("layer_norm", a, *(p for p in (weight, bias) if p is not None))
     a = ts[0]
     w = ts[1] if weight is not None else None
     b = ts[-1] if bias is not None else None
@@ -151,66 +176,30 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     for name, p in (("weight", w), ("bias", b)):
         if p is not None and p.shape != normalized_shape:
             raise ValueError(f"layer_norm: {name} has shape {p.shape}; expected normalized_shape {normalized_shape}")
-    xp = a.xp
-    n = math.prod(normalized_shape)
-    inv_n = 1.0 / n
-    # Rows of n normalized values. Row sums are matrix-vector products with a vector of ones
-    # (BLAS, no temporary) and sums of products are einsum contractions (no temporary): this op
-    # runs twice per block on every token, and its reductions cost more than its arithmetic.
-    x2 = a.data.reshape(-1, n)                                       # (R, n)
-    ones = xp.ones(n, dtype=x2.dtype)
-    mu = x2 @ ones
-    mu *= inv_n
-    xhat = x2 - mu[:, None]                                          # x - mean
-    rstd = xp.einsum("ij,ij->i", xhat, xhat)
-    rstd *= inv_n
-    rstd += eps
-    xp.sqrt(rstd, out=rstd)
-    xp.divide(1.0, rstd, out=rstd)                                   # 1 / sqrt(var + eps)
-    rstd = rstd[:, None]
-    xhat *= rstd
-    wf = w.data.reshape(n) if w is not None else None
-    out = xhat * wf if w is not None else xhat
-    if b is not None:
-        out = out + b.data.reshape(n) if w is None else out.__iadd__(b.data.reshape(n))
-    out = out.reshape(a.shape)
-    a_shape, need_a = a.shape, needs(a)     # not `a` itself: its data is not needed here
-
-    def backward(g):
-        g2 = g.reshape(-1, n)
-        dxhat = g2 * wf if w is not None else g2
-        da = None
-        if need_a:
-            m1 = dxhat @ ones
-            m1 *= inv_n                                              # mean(dxhat)
-            m2 = xp.einsum("ij,ij->i", dxhat, xhat)
-            m2 *= inv_n                                              # mean(dxhat * xhat)
-            da = xhat * m2[:, None]
-            da += m1[:, None]
-            xp.subtract(dxhat, da, out=da)
-            da *= rstd
-            da = da.reshape(a_shape)
-        grads = [da]
-        if w is not None:
-            grads.append(xp.einsum("ij,ij->j", g2, xhat).reshape(normalized_shape) if needs(w) else None)
-        if b is not None:
-            grads.append((xp.ones(g2.shape[0], dtype=g2.dtype) @ g2).reshape(normalized_shape) if needs(b) else None)
-        return tuple(grads)
-    return result(out, ts, backward, "layer_norm")
+    return a, w, b, normalized_shape
 
 
 @register
 def embedding(weight, indices):
     """Rows of `weight` (V, D) picked by integer `indices` (any shape) -> (*indices.shape, D).
 
-    Backward: scatter-add the output gradient's rows into a zero (V, D) array.
+    Backward: scatter-add the output gradient's rows into a zero (V, D) array,
+    dweight[indices[n]] += g[n] for every n (a row picked twice gets both).
     """
+    w, idx = check_embedding(weight, indices)
+    out = w.data[idx]
+
+    def backward(g):
+        dweight = w.xp.zeros(w.shape, dtype=g.dtype)
+        backend.scatter_add(dweight, idx, g)
+        return (dweight,)
+    return result(out, (w,), backward, "embedding")
+
+
+def check_embedding(weight, indices):
+    """(weight as a Tensor, indices as an array on its device); raise unless they fit."""
     (w,) = tensors("embedding", weight)
-    idx = indices.data if isinstance(indices, Tensor) else indices
-    if not backend.is_array(idx):
-        idx = w.xp.asarray(idx)
-    if backend.device_of(idx) != w.device:
-        raise backend.DeviceMismatchError(f"embedding: indices are on {backend.device_of(idx)} but weight is on {w.device}")
+    idx = constant("embedding", indices, w, "indices are", "weight is")
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: indices must be integers; got dtype {idx.dtype}")
     if w.ndim != 2:
@@ -218,13 +207,7 @@ def embedding(weight, indices):
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= w.shape[0]):
         bad = int(idx.max()) if int(idx.max()) >= w.shape[0] else int(idx.min())
         raise IndexError(f"embedding: index {bad} is out of range for {w.shape[0]} rows")
-    out = w.data[idx]
-
-    def backward(g):
-        full = w.xp.zeros(w.shape, dtype=g.dtype)
-        backend.scatter_add(full, idx.reshape(-1), g.reshape(-1, w.shape[1]))
-        return (full,)
-    return result(out, (w,), backward, "embedding")
+    return w, idx
 
 
 @register

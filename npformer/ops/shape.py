@@ -8,7 +8,7 @@ import builtins
 
 from .. import backend
 from ..tensor import Tensor
-from ._core import needs, register, result, shape_error, tensors, unbroadcast
+from ._core import constant, needs, register, result, shape_error, tensors, unbroadcast
 
 
 @register
@@ -82,12 +82,8 @@ def _selects_once(idx) -> bool:
 
 def _index_item(a, i):
     """One entry of an index, with Tensors and lists turned into arrays on a's device."""
-    if isinstance(i, Tensor):
-        i = i.data
-    elif isinstance(i, list):
-        i = a.xp.asarray(i)
-    if backend.is_array(i) and backend.device_of(i) != a.device:
-        raise backend.DeviceMismatchError(f"getitem: index is on {backend.device_of(i)} but the tensor is on {a.device}")
+    if isinstance(i, (Tensor, list)) or backend.is_array(i):
+        return constant("getitem", i, a, "index is", "the tensor is")
     return i
 
 
@@ -186,11 +182,7 @@ def split(a, sections, axis=0):
 
 
 def _mask_array(name, mask, like):
-    m = mask.data if isinstance(mask, Tensor) else mask
-    if not backend.is_array(m):
-        m = like.xp.asarray(m)
-    if backend.device_of(m) != like.device:
-        raise backend.DeviceMismatchError(f"{name}: mask is on {backend.device_of(m)} but the tensor is on {like.device}")
+    m = constant(name, mask, like)
     if m.dtype != bool:
         raise TypeError(f"{name}: mask must be boolean; got dtype {m.dtype}")
     return m

@@ -81,7 +81,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .. import backend
-from ..ops.attention import CAUSAL_BLOCK
+from ..fast.attention import CAUSAL_BLOCK
 from . import parallel
 from . import workers as shard_workers
 
