@@ -15,14 +15,12 @@ from . import backend, cpu, ops, random
 from .autograd import is_grad_enabled, no_grad, set_grad_enabled
 from .creation import arange, full, ones, ones_like, rand, randn, zeros, zeros_like
 from .gradcheck import GradcheckError, gradcheck
-from .ops import (abs, add, attention, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu, linear,
+from .ops import (abs, add, astype, attention, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu, linear,
                   getitem, layer_norm, log, log_softmax, masked_fill, matmul, max, maximum, mean,
                   minimum, mul, neg, permute, pow, relu, reshape, self_attention, sigmoid, softmax, split, sqrt, stack,
                   sub, sum, tanh, transpose, var, where)
 from .random import manual_seed
 from .tensor import Tensor, tensor
-
-cpu.tune_allocator()   # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0 keeps the system settings)
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,10 @@
 
 The maths lives in ``npformer.ops``; this file only holds the data, the grad,
 and the Python operator and method spellings that forward to the ops.
+
+The ops import ``Tensor`` and the methods here call the ops: the cycle is closed once, by the
+``from . import ops`` at the end of this file (after ``Tensor`` exists, so either module may be
+imported first). The methods look ``ops.<name>`` up when called.
 """
 
 from __future__ import annotations
@@ -160,7 +164,6 @@ class Tensor:
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
     def astype(self, dtype) -> "Tensor":
-        from . import ops
         return ops.astype(self, dtype)
 
     def float(self) -> "Tensor":
@@ -170,20 +173,20 @@ class Tensor:
         return self.astype(np.float64)
 
     # ------------------------------------------------------------------ operators
-    def __add__(self, o): from . import ops; return ops.add(self, o)
-    def __radd__(self, o): from . import ops; return ops.add(o, self)
-    def __sub__(self, o): from . import ops; return ops.sub(self, o)
-    def __rsub__(self, o): from . import ops; return ops.sub(o, self)
-    def __mul__(self, o): from . import ops; return ops.mul(self, o)
-    def __rmul__(self, o): from . import ops; return ops.mul(o, self)
-    def __truediv__(self, o): from . import ops; return ops.div(self, o)
-    def __rtruediv__(self, o): from . import ops; return ops.div(o, self)
-    def __pow__(self, o): from . import ops; return ops.pow(self, o)
-    def __rpow__(self, o): from . import ops; return ops.pow(o, self)
-    def __matmul__(self, o): from . import ops; return ops.matmul(self, o)
-    def __rmatmul__(self, o): from . import ops; return ops.matmul(o, self)
-    def __neg__(self): from . import ops; return ops.neg(self)
-    def __getitem__(self, idx): from . import ops; return ops.getitem(self, idx)
+    def __add__(self, o): return ops.add(self, o)
+    def __radd__(self, o): return ops.add(o, self)
+    def __sub__(self, o): return ops.sub(self, o)
+    def __rsub__(self, o): return ops.sub(o, self)
+    def __mul__(self, o): return ops.mul(self, o)
+    def __rmul__(self, o): return ops.mul(o, self)
+    def __truediv__(self, o): return ops.div(self, o)
+    def __rtruediv__(self, o): return ops.div(o, self)
+    def __pow__(self, o): return ops.pow(self, o)
+    def __rpow__(self, o): return ops.pow(o, self)
+    def __matmul__(self, o): return ops.matmul(self, o)
+    def __rmatmul__(self, o): return ops.matmul(o, self)
+    def __neg__(self): return ops.neg(self)
+    def __getitem__(self, idx): return ops.getitem(self, idx)
 
     # comparisons give boolean tensors that never require grad
     def _cmp(self, o, fn):
@@ -198,47 +201,42 @@ class Tensor:
     __hash__ = object.__hash__
 
     # ------------------------------------------------------------------ methods forwarding to ops
-    def sum(self, axis=None, keepdims=False): from . import ops; return ops.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): from . import ops; return ops.mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): from . import ops; return ops.max(self, axis, keepdims)
+    def sum(self, axis=None, keepdims=False): return ops.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return ops.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return ops.max(self, axis, keepdims)
     def var(self, axis=None, keepdims=False, correction=1):
-        from . import ops; return ops.var(self, axis, keepdims, correction)
-    def exp(self): from . import ops; return ops.exp(self)
-    def log(self): from . import ops; return ops.log(self)
-    def sqrt(self): from . import ops; return ops.sqrt(self)
-    def abs(self): from . import ops; return ops.abs(self)
-    def tanh(self): from . import ops; return ops.tanh(self)
-    def sigmoid(self): from . import ops; return ops.sigmoid(self)
-    def relu(self): from . import ops; return ops.relu(self)
-    def softmax(self, axis=-1): from . import ops; return ops.softmax(self, axis)
-    def log_softmax(self, axis=-1): from . import ops; return ops.log_softmax(self, axis)
+        return ops.var(self, axis, keepdims, correction)
+    def exp(self): return ops.exp(self)
+    def log(self): return ops.log(self)
+    def sqrt(self): return ops.sqrt(self)
+    def abs(self): return ops.abs(self)
+    def tanh(self): return ops.tanh(self)
+    def sigmoid(self): return ops.sigmoid(self)
+    def relu(self): return ops.relu(self)
+    def softmax(self, axis=-1): return ops.softmax(self, axis)
+    def log_softmax(self, axis=-1): return ops.log_softmax(self, axis)
 
     def reshape(self, *shape):
-        from . import ops
         return ops.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
 
     view = reshape
 
     def transpose(self, axis0: int = -2, axis1: int = -1):
         """Swap two axes (torch.transpose semantics)."""
-        from . import ops
         return ops.transpose(self, axis0, axis1)
 
     def permute(self, *axes):
-        from . import ops
         return ops.permute(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes)
 
     @property
     def T(self):
-        from . import ops
         return ops.permute(self, tuple(range(self.ndim - 1, -1, -1)))
 
     def expand(self, *shape):
-        from . import ops
         return ops.expand(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
 
-    def masked_fill(self, mask, value): from . import ops; return ops.masked_fill(self, mask, value)
-    def split(self, sections, axis=0): from . import ops; return ops.split(self, sections, axis)
+    def masked_fill(self, mask, value): return ops.masked_fill(self, mask, value)
+    def split(self, sections, axis=0): return ops.split(self, sections, axis)
 
 
 def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
@@ -280,3 +278,7 @@ def as_tensor_like(value, like: Tensor) -> Tensor:
     if backend.is_array(value):
         return Tensor(value)
     raise TypeError(f"expected a Tensor, array or number; got {type(value).__name__}")
+
+
+# Last, so that ``Tensor`` and ``as_tensor_like`` exist when the ops import them (see the docstring).
+from . import ops  # noqa: E402

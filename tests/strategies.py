@@ -83,23 +83,51 @@ def separated_pair(draw, shape_a, shape_b):
 
 @st.composite
 def axes(draw, ndim):
-    """An `axis` argument for a reduction over `ndim` axes: None, an int or a tuple, negatives mixed in."""
+    """An `axis` argument for a reduction over `ndim` axes: None, an int or a tuple.
+
+    Tuples mix negative and non-negative entries, and most are out of order (``(2, -3)``,
+    ``(1, 0)``): "unordered" tuples are never increasing, which a backward that assumes
+    sorted axes gets wrong. They are weighted so that 25 derandomized examples draw several.
+    """
     if ndim == 0:
         return draw(st.sampled_from([None, 0, -1]))
-    kind = draw(st.sampled_from(["none", "int", "tuple"]))
+    kind = draw(st.sampled_from(["unordered", "int", "tuple", "none", "unordered"]))
     if kind == "none":
         return None
     if kind == "int":
         return draw(st.integers(-ndim, ndim - 1))
-    chosen = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
-    return tuple(ax - ndim if draw(st.booleans()) else ax for ax in chosen)
+    most = ndim - 1 if kind == "unordered" and ndim >= 3 else ndim   # keep an axis after the reduced ones
+    chosen = draw(st.lists(st.integers(0, ndim - 1), min_size=min(2, ndim), max_size=most, unique=True))
+    order = draw(st.permutations(chosen))
+    if kind == "unordered" and order == sorted(order):
+        order = order[1:] + order[:1]                   # rotated: out of order when 2 or more
+    return tuple(ax - ndim if draw(st.booleans()) else ax for ax in order)
+
+
+def is_unordered(axis, ndim) -> bool:
+    """Whether a reduction's `axis` is a tuple whose axes (taken mod ndim) are not increasing."""
+    if not isinstance(axis, tuple) or ndim == 0:
+        return False
+    axes_ = [ax % ndim for ax in axis]
+    return axes_ != sorted(axes_)
+
+
+# Reductions that must always be tried: out-of-order and negative axis tuples that leave an axis
+# after the reduced ones (so re-inserting the reduced axes in the wrong order shows), keepdims both ways.
+EDGE_REDUCTIONS = [((2, 3, 4), (1, 0), False), ((2, 3, 4), (-2, -3), False), ((2, 3, 4, 2), (2, -4), False),
+                   ((3, 2, 4), (1, -3), True), ((2, 3, 4), (2, 0), False)]
 
 
 @st.composite
-def reduction_args(draw, max_dims=4, max_side=3):
-    """(shape, axis, keepdims) for sum/mean/max/var."""
-    shape = draw(shapes(0, max_dims, 1, max_side))
+def _drawn_reduction(draw, max_dims, max_side):
+    shape = draw(st.one_of(shapes(2, max_dims, 1, max_side), shapes(0, max_dims, 1, max_side)))
     return shape, draw(axes(len(shape))), draw(st.booleans())
+
+
+def reduction_args(max_dims=4, max_side=3):
+    """(shape, axis, keepdims) for sum/mean/max/var: the EDGE_REDUCTIONS or a drawn one (mostly two
+    or more axes)."""
+    return st.one_of(st.sampled_from(EDGE_REDUCTIONS), _drawn_reduction(max_dims, max_side))
 
 
 @st.composite
@@ -204,3 +232,4 @@ def assert_close(out, expected, rtol=1e-12, atol=1e-12):
     expected = np.asarray(expected)
     assert got.shape == expected.shape, f"shape {got.shape} != {expected.shape}"
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
+

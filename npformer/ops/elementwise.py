@@ -135,11 +135,3 @@ def maximum(a, b):
 def minimum(a, b):
     """Elementwise min, broadcasting; ties split the gradient evenly."""
     return _extremum("minimum", a, b, "min")
-
-
-def astype(a, dtype):
-    """Cast to `dtype`; the gradient is cast back to a's dtype."""
-    (a,) = tensors("astype", a)
-    if a.dtype == dtype:
-        return a
-    return result(a.data.astype(dtype), (a,), lambda g: (g.astype(a.dtype),), "astype")
