@@ -272,6 +272,66 @@ def test_readme_test_command_is_what_ci_runs():
         assert ci_command_line(REPO / "README.md") == line
 
 
+CODE_DIRS = ("npformer", "tests", "benchmarks", "scripts")
+# a span of inline code that is one code name: snake_case with a last part of 3+ characters (so
+# that math such as `a_j` or `scale_m` is left alone), or CamelCase; optionally called, `name()`
+CODE_NAME = re.compile(r"^(_?[a-z][a-z0-9]*(?:_[a-z0-9]+)*_[a-z0-9]{3,}|[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]*)+)(?:\(\))?$")
+# a span that is a path in the repository, optionally with a test: `tests/test_cli.py::test_x`
+REPO_PATH = re.compile(r"^((?:npformer|tests|benchmarks|scripts|docs|\.ci)/[\w./-]+)(?:::(\w+))?$")
+
+
+def code_text() -> str:
+    """The project's Python source, less this file (whose examples name what does not exist)."""
+    return "\n".join(p.read_text(encoding="utf-8") for d in CODE_DIRS for p in (REPO / d).rglob("*.py")
+                     if p.resolve() != Path(__file__).resolve())
+
+
+def missing_names(spans: list, code: str) -> list:
+    """The code names among `spans` that appear nowhere in the code (a renamed or deleted function)."""
+    names = [m.group(1) for m in (CODE_NAME.match(s.strip()) for s in spans) if m]
+    return sorted({n for n in names if not re.search(rf"\b{re.escape(n)}\b", code)})
+
+
+def missing_paths(spans: list) -> list:
+    """Repository paths (and `file::test` citations) among `spans` that do not exist."""
+    bad = []
+    for m in (REPO_PATH.match(s.strip()) for s in spans):
+        if not m or "*" in m.group(1):
+            continue
+        path = REPO / m.group(1)
+        if not path.exists():
+            bad.append(m.group(0))
+        elif m.group(2) and not re.search(rf"^def {m.group(2)}\b", path.read_text(encoding="utf-8"), re.M):
+            bad.append(m.group(0))
+    return bad
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_code_name_and_path_cited_exists(doc):
+    prose, _ = split_fences(doc.read_text(encoding="utf-8"))
+    spans = inline_code(prose)
+    bad = missing_names(spans, code_text()) + missing_paths(spans)
+    assert not bad, f"{doc_id(doc)} cites what does not exist: {bad}"
+
+
+def test_the_readme_layout_lists_every_package():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(npformer/[\w/]+?)/?`", table))
+    packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "npformer").rglob("__init__.py")} - {"npformer"}
+    assert packages <= listed, f"packages missing from the README's layout table: {sorted(packages - listed)}"
+
+
+def test_a_marker_the_readme_tells_to_select_selects_tests():
+    """`pytest -m NAME` in the README must select at least one test (it once selected none)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for marker in sorted(set(re.findall(r"pytest[^`\n]*?-m\s+(\w+)", text))):
+        found = subprocess.run(["python", "-m", "pytest", "--collect-only", "-q", "-m", marker,
+                                "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
+        assert re.search(r"^\d+(/\d+)? tests? (collected|selected)", found.stdout, re.M) and found.returncode == 0, \
+            f"the README tells to run `-m {marker}` but it selects no test"
+
+
 # ----------------------------------------------------------------------------- the checks can fail
 
 def test_the_helpers_catch_broken_examples(tmp_path):
@@ -311,3 +371,11 @@ def test_the_helpers_catch_broken_examples(tmp_path):
     if shutil.which("awk"):
         (tmp_path / "README.md").write_text(readme, encoding="utf-8")
         assert ci_command_line(tmp_path / "README.md") == "python -m pytest -q"
+
+
+def test_the_name_and_path_checks_catch_broken_examples():
+    code = "def collect_leaf_grads(sink=None):\nclass ShardWorkers:\n"
+    spans = ["collect_leaf_grads", "_causal_blocks", "ShardWorkers", "ShardWorker", "a_j", "scale_m",
+             "tests/test_cli.py", "tests/test_cli.py::test_no_such_test", "npformer/nope.py", "docs/*.png"]
+    assert missing_names(spans, code) == ["ShardWorker", "_causal_blocks"]
+    assert missing_paths(spans) == ["tests/test_cli.py::test_no_such_test", "npformer/nope.py"]

@@ -265,3 +265,19 @@ def test_pretrain_help_shows_the_new_flags_and_no_none_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--keep KEEP" in text and "(default: 2)" in text and "--allow-data-change" in text
     assert "min(100, --max-iters // 10)" in text and "(default: None)" not in text
+
+
+def test_training_runs_leave_the_global_generator_alone(tmp_path):
+    """Each entry point draws dropout from its own seeded generator, scoped to its loop: the
+    process's global generator (what `npformer.manual_seed` sets) is the same object, in the same
+    state, afterwards."""
+    import npformer as nf
+    from npformer import random
+    from npformer.training.seq2seq import Seq2SeqTrainConfig, train
+    nf.manual_seed(7)
+    before = random.default_generator("cpu")
+    state = before.bit_generator.state
+    pretrain(tiny(tmp_path, "p", dropout=0.2, max_iters=3), log=quiet)
+    train(Seq2SeqTrainConfig(task="copy", d_model=16, nhead=2, num_layers=1, dim_feedforward=32, batch_size=4,
+                             max_iters=2, n_test=4, out=str(tmp_path / "s"), device="cpu"), log=quiet)
+    assert random.default_generator("cpu") is before and before.bit_generator.state == state
