@@ -7,6 +7,7 @@ a resumed run draws exactly the batches the interrupted one would have drawn.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -35,6 +36,17 @@ def load_text(path) -> str:
     except UnicodeDecodeError as exc:
         raise DataError(f"data file is not valid UTF-8: {path}: byte 0x{raw[exc.start]:02x} at byte "
                         f"offset {exc.start} ({exc.reason})") from None
+
+
+def data_fingerprint(path, text: str) -> dict:
+    """{"source", "bytes", "sha256"} of the training data: the file's bytes (what `sha256sum` prints),
+    or the built-in corpus's UTF-8 text."""
+    raw = text.encode("utf-8")
+    if path is not None:
+        with open(path, "rb") as f:
+            raw = f.read()
+    return {"source": "built-in toy language" if path is None else os.path.abspath(path),
+            "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def split_train_val(ids, val_fraction: float = 0.1):

@@ -19,7 +19,7 @@ and SHA-256, and a resume on changed data is refused unless ``allow_data_change`
 finish the step, save it and raise ``Interrupted`` (stopping.py); ``resume`` falls back to the
 newest intact checkpoint when the newest is damaged, and sets the damaged one aside.
 
-Run directory ``out``: the checkpoints (see checkpoint.py), ``loss.png`` (when
+Run directory ``out``: the checkpoints (see checkpoint.py), ``loss.png`` (metrics.py, when
 matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 (every ``eval_interval`` steps and at ``max_iters``):
 
@@ -33,8 +33,6 @@ matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import time
@@ -46,14 +44,15 @@ from .. import backend, cpu, random
 from ..autograd import no_grad
 from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, default_corpus,
                     load_text)
-from ..data.dataset import BatchSampler
+from ..data.dataset import BatchSampler, data_fingerprint
 from ..models.gpt import GPT, GPTConfig
 from ..models.sampling import generate
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
 from . import workers as shard_workers
-from .checkpoint import CheckpointError, atomic_write_text, save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint
 from .memory import check_pretrain_memory, format_bytes
+from .metrics import append_metrics, plot_losses, truncate_metrics
 from .progress import ProgressBar, format_seconds
 from .rundir import RunDir, check_resumable, load_for_resume, set_aside
 from .stopping import GracefulStop
@@ -155,17 +154,6 @@ def _load_corpus(cfg: PretrainConfig):
     text = load_text(cfg.data)
     n_val = max(1, len(text) // 10)
     return text[:-n_val], text[-n_val:], None, data_fingerprint(cfg.data, text)
-
-
-def data_fingerprint(path, text: str) -> dict:
-    """{"source", "bytes", "sha256"} of the training data: the file's bytes (what `sha256sum` prints),
-    or the built-in corpus's UTF-8 text."""
-    raw = text.encode("utf-8")
-    if path is not None:
-        with open(path, "rb") as f:
-            raw = f.read()
-    return {"source": "built-in toy language" if path is None else os.path.abspath(path),
-            "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def _check_data_unchanged(cfg, saved: dict, now: dict, log) -> None:
@@ -287,7 +275,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         last_saved = step
         sampler.load_state_dict(run["sampler"])
         backend.set_generator_state(dropout_rng, run.get("dropout_rng"))
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
         log(f"resuming from {ckpt.path} at step {step}")
         saved_workers = ckpt.meta.get("pretrain_config", {}).get("workers")
         if isinstance(saved_workers, int) and saved_workers != cfg.workers:
@@ -365,7 +353,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                     best_val = val_loss if best_val is None else min(best_val, val_loss)
                     record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
                               "elapsed_s": round(time.perf_counter() - t_start, 3)}
-                    _append_metrics(metrics_path, record)
+                    append_metrics(metrics_path, record)
                     gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
                     bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
                     save(step)
@@ -386,7 +374,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
     if floor and val_loss is not None:
         summary["gap_percent"] = 100 * (summary["val_loss_per_char"] / floor - 1)
-    _plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor, log)
+    plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor, log)
     for i in range(cfg.samples):
         prompt = tok.encode(val_text[:1]).reshape(1, -1)
         ids = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=None, seed=cfg.seed + 10 + i)
@@ -397,54 +385,3 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
         + f"; checkpoint in {cfg.out}")
     return summary
-
-
-def _append_metrics(path, record):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path, step):
-    """Drop metric lines past `step` (written after the checkpoint we resume from), and a line
-    torn by a kill mid-write; the file is replaced atomically."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                keep.append(json.dumps(record) + "\n")
-    atomic_write_text(path, "".join(keep))
-
-
-def _plot_losses(metrics_path, png_path, floor, log):
-    """Write a loss-curve PNG when matplotlib is installed (the optional 'plot' extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("no loss.png: matplotlib is not installed (pip install matplotlib); the losses are in metrics.jsonl")
-        return
-    if not os.path.exists(metrics_path):
-        return
-    with open(metrics_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train")
-    ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label="val")
-    if floor:
-        ax.axhline(floor, color="gray", linestyle="--", label="entropy floor")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    log(f"loss curve: {png_path}")
