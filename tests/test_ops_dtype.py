@@ -3,7 +3,7 @@
 astype: forward values and dtype, a float64 gradcheck of a float64 -> float32 -> float64
 round trip (values on a 1/8 grid and a 2^-10 step, exact in float32, so the tolerances stay
 tight), the same dtype giving the tensor itself, and a cast to integers giving a constant.
-Every op in tests/test_grad_properties.py's table: float32 inputs give float32 outputs, and
+Every op in tests/op_cases.py's table: float32 inputs give float32 outputs, and
 each backward returns, for every input, a gradient of that input's dtype (so no .grad is
 float64, and no upcast is hidden by the engine's cast of leaf gradients).
 """
@@ -17,8 +17,9 @@ from hypothesis.extra import numpy as hnp
 import npformer as nf
 from npformer.autograd import Node
 from tests.helpers import T, host
+from tests.op_cases import OP_CASES, OP_PATHS
 from tests.strategies import shapes
-from tests.test_grad_properties import OP_CASES, OP_PATHS, TIGHT
+from tests.test_grad_properties import TIGHT
 
 COVERED_OPS = {"astype"}
 

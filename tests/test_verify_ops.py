@@ -6,7 +6,7 @@ compares the outputs and the gradient of every input:
 |npformer - torch| <= 1e-12 + 1e-10 |torch| elementwise. A subset also runs in
 float32 against torch float32: |npformer - torch| <= 1e-7 + 1e-5 |torch| (gelu: 1e-6 + ...).
 
-`python -m tests.test_verify_ops` prints the worst difference seen per op.
+`python -m tests.verify_ops_report` prints the worst difference seen per op.
 """
 
 from dataclasses import dataclass
@@ -394,35 +394,3 @@ def test_dropout_identity_when_off():
     for out in (nf.dropout(x, p=0.0), nf.dropout(x, p=0.7, training=False)):
         np.testing.assert_array_equal(host(out), host(x))
 
-
-# ----------------------------------------------------------------------------- report
-def worst_differences(dtype=np.float64):
-    """{op: (worst relative, worst absolute) difference} over all its cases, outputs and gradients.
-
-    Relative difference of arrays a, b: max |a - b| / max(|b|, 1e-2), i.e. relative where
-    |b| >= 1e-2 and absolute-scaled below that (where atol 1e-12 takes over from rtol 1e-10).
-    """
-    worst = {}
-    for op, cs in sorted(CASES.items()):
-        rel = ab = 0.0
-        for c in cs:
-            if dtype != np.float64 and not c.f32:
-                continue
-            for _, a, b in run_case(c, dtype):
-                with np.errstate(invalid="ignore"):      # inf - inf where both are -inf
-                    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-                d = np.where(np.isinf(a) & (a == b), 0.0, d)
-                if d.size:
-                    rel = max(rel, float(np.max(d / np.maximum(np.abs(b), 1e-2))))
-                    ab = max(ab, float(np.max(d)))
-        if dtype == np.float64 or any(c.f32 for c in cs):
-            worst[op] = (rel, ab)
-    return worst
-
-
-if __name__ == "__main__":
-    w64, w32 = worst_differences(np.float64), worst_differences(np.float32)
-    print(f"{'op':<14} {'f64 rel':>9} {'f64 abs':>9} {'f32 rel':>9} ({sum(len(c) for c in CASES.values())} cases)")
-    for op, (rel, ab) in w64.items():
-        r32 = f"{w32[op][0]:9.1e}" if op in w32 else "        -"
-        print(f"{op:<14} {rel:9.1e} {ab:9.1e} {r32}")

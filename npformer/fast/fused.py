@@ -13,7 +13,7 @@ import math
 
 from .. import backend
 from ..ops._core import needs, register_fast, result
-from ..ops.fused import check_embedding, check_layer_norm
+from ..ops.fused import check_layer_norm, embedding_with
 
 
 @register_fast
@@ -68,11 +68,4 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
 @register_fast
 def embedding(weight, indices):
     """npformer.ops.embedding with the backward's rows added by backend.scatter_add_rows."""
-    w, idx = check_embedding(weight, indices)
-    out = w.data[idx]
-
-    def backward(g):
-        dweight = w.xp.zeros(w.shape, dtype=g.dtype)
-        backend.scatter_add_rows(dweight, idx, g)
-        return (dweight,)
-    return result(out, (w,), backward, "embedding")
+    return embedding_with(weight, indices, backend.scatter_add_rows)

@@ -186,12 +186,18 @@ def embedding(weight, indices):
     Backward: scatter-add the output gradient's rows into a zero (V, D) array,
     dweight[indices[n]] += g[n] for every n (a row picked twice gets both).
     """
+    return embedding_with(weight, indices, backend.scatter_add)
+
+
+def embedding_with(weight, indices, scatter_add):
+    """embedding, its backward adding the rows with `scatter_add(dweight, idx, g)`: backend.scatter_add
+    here, backend.scatter_add_rows in npformer/fast/fused.py."""
     w, idx = check_embedding(weight, indices)
     out = w.data[idx]
 
     def backward(g):
         dweight = w.xp.zeros(w.shape, dtype=g.dtype)
-        backend.scatter_add(dweight, idx, g)
+        scatter_add(dweight, idx, g)
         return (dweight,)
     return result(out, (w,), backward, "embedding")
 
