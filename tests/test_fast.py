@@ -235,3 +235,18 @@ def test_the_environment_variable_chooses_at_import(value, expected):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "NPFORMER_OPS": value}).stdout.split()
     assert out == [expected, "npformer.fast.activations" if expected == "fast" else "npformer.ops.activations"]
+
+
+def test_both_paths_promote_dtypes_alike_and_refuse_integer_layer_norm():
+    """The fast linear added its bias in place (keeping x's dtype) and fast causal attention took
+    its output dtype from q and v only; both now follow the reference's promotion."""
+    r = np.random.default_rng(0)
+    x32, w32, b64 = (r.standard_normal(s).astype(d) for s, d in (((3, 4), np.float32), ((5, 4), np.float32),
+                                                                ((5,), np.float64)))
+    q32, k64, v32 = (r.standard_normal((1, 130, 4)).astype(d) for d in (np.float32, np.float64, np.float32))
+    for path in ("reference", "fast"):
+        with nf.ops.use(path):
+            assert nf.linear(nf.tensor(x32), nf.tensor(w32), nf.tensor(b64)).dtype == np.float64, path
+            assert nf.attention(nf.tensor(q32), nf.tensor(k64), nf.tensor(v32), causal=True).dtype == np.float64, path
+            with pytest.raises(TypeError, match="layer_norm: the input must be floating point; got int64"):
+                nf.layer_norm(nf.tensor(np.ones((3, 4), dtype=np.int64)), 4)

@@ -35,7 +35,7 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
     mask = check_attention(q, k, v, mask, causal)
     xp = q.xp
     if causal and _blockable(q.shape, k.shape, v.shape, dropout_p, causal_block):
-        out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=xp.result_type(q.data, v.data))
+        out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=xp.result_type(q.data, k.data, v.data))
         blocks, probs = _blocks_forward(xp, q.data, k.data, v.data, scale, out, causal_block)
 
         def backward(g):

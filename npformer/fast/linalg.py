@@ -38,7 +38,7 @@ def linear(x, weight, bias=None):
     X = x.data.reshape(-1, w.shape[1])                                  # (N, in)
     y = X @ w.data.T                                                    # (N, out)
     if b is not None:
-        y += b.data
+        y = y + b.data                  # not in place: the bias's dtype takes part, as in the reference
 
     def backward(g):
         G = g.reshape(-1, w.shape[0])                                   # (N, out)

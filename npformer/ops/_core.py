@@ -69,6 +69,10 @@ class use:
 
         with npformer.ops.use("reference"):
             loss.backward()
+
+    The choice is process-wide, like torch.backends flags: switch between steps, not while other
+    threads run ops (they would see the new choice, and two threads' blocks ending out of order
+    would restore each other's).
     """
 
     def __init__(self, path: str):

@@ -171,6 +171,8 @@ def check_layer_norm(a, normalized_shape, weight, bias):
     w = ts[1] if weight is not None else None
     b = ts[-1] if bias is not None else None
     k = len(normalized_shape)
+    if a.dtype.kind != "f":
+        raise TypeError(f"layer_norm: the input must be floating point; got {a.dtype} (cast it with .astype)")
     if k == 0 or a.shape[a.ndim - k:] != normalized_shape:
         raise ValueError(f"layer_norm: input of shape {a.shape} does not end with normalized_shape {normalized_shape}")
     for name, p in (("weight", w), ("bias", b)):
