@@ -16,9 +16,8 @@ Tested equal to the reference in float64 in tests/test_fast.py.
 
 from __future__ import annotations
 
-from .. import random
 from ..ops._core import needs, register_fast, result, tensors, unbroadcast
-from ..ops.attention import check_attention, packed_heads
+from ..ops.attention import check_attention, dropout_scale, packed_heads
 
 CAUSAL_BLOCK = 64   # query rows per block of the causal path (below 2 blocks it is not used)
 
@@ -145,12 +144,9 @@ def _weights(xp, q, k, scale, mask, causal, dropout_p, generator, device):
     p = _softmax_columns(z, xp, live)                                  # P^T (..., S, L)
     if dropout_p == 0.0:
         return p, p, None
-    rng = generator if generator is not None else random.default_generator(device)
     # drawn in (..., L, S) order, element (i, j) for query i and key j, then viewed as (S, L):
     # the reference's draws, so one seed gives the same mask on both paths
-    drawn = rng.random(p.shape[:-2] + (L, S), dtype=p.dtype)
-    scale_d = (drawn >= dropout_p).astype(p.dtype).swapaxes(-1, -2)
-    scale_d *= 1.0 / (1.0 - dropout_p)
+    scale_d = dropout_scale(p.shape[:-2] + (L, S), p.dtype, dropout_p, generator, device).swapaxes(-1, -2)
     return p, p * scale_d, scale_d
 
 

@@ -41,7 +41,7 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
     if mask is not None:
         S = xp.where(mask, S, -xp.inf) if mask.dtype == bool else S + mask.astype(S.dtype, copy=False)
     P = masked_softmax(S, xp)                                            # (..., L, S)
-    D = dropout_scale(P, dropout_p, generator, q.device)                 # (..., L, S) or None
+    D = dropout_scale(P.shape, P.dtype, dropout_p, generator, q.device)  # (..., L, S) or None
     W = P if D is None else P * D
     out = W @ v.data                                                     # (..., L, Ev)
 
@@ -111,10 +111,11 @@ def masked_softmax(S, xp):
     return e / xp.maximum(e.sum(axis=-1, keepdims=True), 1)
 
 
-def dropout_scale(P, p, generator, device):
-    """D = keep / (1 - p), keep drawn with probability 1 - p per element of P; None when p = 0."""
+def dropout_scale(shape, dtype, p, generator, device):
+    """D (shape) = keep / (1 - p), keep drawn with probability 1 - p per element; None when p = 0."""
     if p == 0.0:
         return None
     rng = generator if generator is not None else random.default_generator(device)
-    keep = rng.random(P.shape, dtype=P.dtype) >= p
-    return keep.astype(P.dtype) * (1.0 / (1.0 - p))
+    D = (rng.random(shape, dtype=dtype) >= p).astype(dtype)
+    D *= 1.0 / (1.0 - p)
+    return D

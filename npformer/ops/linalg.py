@@ -14,7 +14,11 @@ def matmul(a, b):
     column) and G the output gradient promoted the same way:
     dA = G @ B^T and dB = A^T @ G, each summed over broadcast batch axes.
     """
-    a, b = check_matmul(a, b)
+    return matmul_checked(*check_matmul(a, b))
+
+
+def matmul_checked(a, b):
+    """matmul of Tensors that check_matmul has passed (the fast matmul's general case)."""
     try:
         out = a.data @ b.data
     except ValueError:
