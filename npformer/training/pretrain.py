@@ -51,7 +51,7 @@ from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_g
 from . import parallel
 from . import workers as shard_workers
 from .checkpoint import CheckpointError, save_checkpoint
-from .memory import check_pretrain_memory, format_bytes
+from .memory import check_pretrain_memory, format_bytes, shard_plan
 from .metrics import append_metrics, plot_losses, truncate_metrics
 from .progress import ProgressBar, format_seconds
 from .rundir import RunDir, check_resumable, load_for_resume, set_aside
@@ -188,8 +188,7 @@ def _run_state(cfg, step, sampler, dropout_rng, best_val):
 def eval_pieces(cfg) -> int:
     """Pieces an evaluation batch is cut into: as many as a training step's shards, so that an
     evaluation never holds more activations at once than one shard of a training step."""
-    pieces = cfg.shards or parallel.default_shards(cfg.batch_size * cfg.block_size, cfg.workers, cfg.device)
-    return min(pieces, cfg.batch_size)
+    return shard_plan(cfg)[0]
 
 
 def evaluate(model, ids, cfg, seed: int) -> float:

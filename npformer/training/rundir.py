@@ -155,6 +155,10 @@ def _describe_os_error(path: str, exc: OSError) -> str:
     return f"--out {path} cannot be written: {reason}"
 
 
+def _in_use(path: str, pid: str) -> RunDirError:
+    return RunDirError(f"{path} is in use by process {pid}; wait for it to finish or choose another --out")
+
+
 def _read_pid(fd: int) -> str:
     return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
 
@@ -177,7 +181,7 @@ def refuse_if_in_use(path: str) -> None:
     """RunDirError naming the live process that holds `path`'s lock, if one does."""
     holder = _holder(path)
     if holder is not None:
-        raise RunDirError(f"{path} is in use by process {holder}; wait for it to finish or choose another --out")
+        raise _in_use(path, holder)
 
 
 def check_resume_target(out: str) -> None:
@@ -216,8 +220,7 @@ class RunDir:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise RunDirError(f"{path} is in use by process {_read_pid(fd)}; wait for it to finish "
-                                      f"or choose another --out") from None
+                    raise _in_use(path, _read_pid(fd)) from None
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
             if kind is None:

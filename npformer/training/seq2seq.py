@@ -256,7 +256,7 @@ def translate(model, tok, meta: dict, text: str, beam_size: int = 1, length_pena
     if not text:
         raise ValueError("the input text is empty")
     if tok.task in TASKS:
-        text = TASKS[tok.task]().parse_source(text)
+        text = get_task(tok.task).parse_source(text)
     limit = min(int(meta.get("max_src_len", model.config.max_len)), model.config.max_len)
     if len(text) > limit:
         raise ValueError(f"the input has {len(text)} characters; this {meta.get('task', 'seq2seq')} model takes "
