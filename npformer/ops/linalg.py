@@ -45,6 +45,11 @@ def linear(x, weight, bias=None):
     With X = x as (N, in) and G = dy as (N, out):
     dX = G @ weight, dweight = G^T @ X, dbias = sum over rows of G.
     """
+    return linear_with(x, weight, bias, lambda G: G.sum(axis=0))
+
+
+def linear_with(x, weight, bias, column_sum):
+    """linear, its bias gradient taken as column_sum(G) (G: (N, out) -> (out,)); the fast linear's too."""
     x, w, b = check_linear(x, weight, bias)
     X = x.data.reshape(-1, w.shape[1])                                  # (N, in)
     y = X @ w.data.T                                                    # (N, out)
@@ -55,7 +60,7 @@ def linear(x, weight, bias=None):
         G = g.reshape(-1, w.shape[0])                                   # (N, out)
         dX = (G @ w.data).reshape(x.shape) if needs(x) else None
         dweight = G.T @ X if needs(w) else None
-        dbias = G.sum(axis=0) if b is not None and needs(b) else None
+        dbias = column_sum(G) if b is not None and needs(b) else None
         return (dX, dweight) if b is None else (dX, dweight, dbias)
     parents = (x, w) if b is None else (x, w, b)
     return result(y.reshape(x.shape[:-1] + (w.shape[0],)), parents, backward, "linear")
