@@ -13,6 +13,7 @@ import importlib as _importlib
 
 from . import backend, cpu, ops, random
 from .autograd import is_grad_enabled, no_grad, set_grad_enabled
+from .dtypes import default_dtype, get_default_dtype, set_default_dtype
 from .creation import arange, full, ones, ones_like, rand, randn, zeros, zeros_like
 from .gradcheck import GradcheckError, gradcheck
 from .ops import (abs, add, astype, attention, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu, linear,

@@ -91,7 +91,7 @@ def gpt_from_hf(model, dtype, device=None):
     for name, t in model.state_dict().items():
         a = t.detach().cpu().numpy()
         state[name] = a.T if name in conv else a                   # (in, out) -> (out, in)
-    gpt.load_state_dict(state)
+    gpt.load_state_dict(state, cast=True)          # the dtype was chosen by the caller (or is the source's)
     return gpt.train(model.training)
 
 

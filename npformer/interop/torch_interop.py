@@ -209,7 +209,8 @@ def from_torch(module, dtype=None, device: str = None):
     dev = device or backend.default_device()
     twin = _build(module, torch.nn, nn, dict(dtype=np_dtype, device=dev),
                   dict(generator=random.Generator(0, dev)), where)   # private generator: global RNG untouched
-    twin.load_state_dict({k: v.detach().cpu().numpy() for k, v in module.state_dict().items()})
+    # cast=True: the twin's dtype is the caller's explicit choice, or the source's own
+    twin.load_state_dict({k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}, cast=True)
     return twin.train(module.training)
 
 

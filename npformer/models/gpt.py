@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import backend, ops, random
 from .. import nn
+from ..dtypes import default_dtype, resolve
 from ..nn import functional as F
 from ..tensor import Tensor
 from .config import require_divisible, require_dropout, require_positive_ints
@@ -178,19 +179,19 @@ class GPT(nn.Module):
     forward(idx (B, T) int, targets (B, T) int or None) -> (logits (B, T, V), loss or None).
     """
 
-    def __init__(self, config: GPTConfig, generator=None, dtype=np.float32, device: str = None):
+    def __init__(self, config: GPTConfig, generator=None, dtype=None, device: str = None):
         """generator: a numpy.random.Generator for the initial weights (seed 0 when None);
         weights are drawn on the host, then moved to `device` (NPFORMER_DEVICE when None)."""
         super().__init__()
         self.config = config
         # the layers' own default initialisation is overwritten by _init_weights: let it draw from
         # a throwaway generator rather than the process's global one
-        with random.thread_default_generator(np.random.default_rng(0), "cpu"):
+        with random.thread_default_generator(np.random.default_rng(0), "cpu"), default_dtype(resolve(dtype)):
             self.transformer = _Trunk(config)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight        # weight tying
         self._init_weights(generator)
-        self.to(device=device or backend.default_device(), dtype=dtype)
+        self.to(device=device or backend.default_device())
 
     def _init_weights(self, generator):
         """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm weights, and

@@ -172,7 +172,7 @@ class Seq2SeqTransformer(nn.Module):
     dropout), transformer (nn.Transformer, batch_first), output_proj (nn.Linear(d_model, V_tgt)).
     """
 
-    def __init__(self, config: Seq2SeqConfig, generator=None, dtype=np.float32, device: str = None):
+    def __init__(self, config: Seq2SeqConfig, generator=None, dtype=None, device: str = None):
         """generator: draws the initial weights (the device's global generator when None, as in
         npformer.nn). Embeddings start N(0, 1/d_model), so E[x] * sqrt(d_model) has unit scale;
         the Transformer's matrices are Xavier-uniform, as torch.nn.Transformer's."""

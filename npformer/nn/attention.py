@@ -38,7 +38,7 @@ class MultiHeadAttention(Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, kdim=None,
-                 vdim=None, batch_first: bool = True, generator=None, dtype=np.float32, device=None):
+                 vdim=None, batch_first: bool = True, generator=None, dtype=None, device=None):
         super().__init__()
         if num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} must be divisible by num_heads "

@@ -1,7 +1,8 @@
 """Basic layers with torch.nn's names, arguments and parameter names: Linear, Embedding,
 LayerNorm, Dropout, activations, and the containers ModuleList and Sequential.
 
-Layers with weights take ``dtype`` (float32 by default, as torch), ``device``
+Layers with weights take ``dtype`` (npformer.get_default_dtype() when None: float32 unless
+changed, as torch), ``device``
 (NPFORMER_DEVICE when None) and ``generator`` for their initialisation.
 """
 
@@ -10,15 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from ..dtypes import resolve
 from . import functional as F
 from . import init
 from .module import Module, Parameter
 
 
-def empty_parameter(shape, dtype=np.float32, device=None) -> Parameter:
-    """An uninitialised Parameter of `shape` on `device` (the default device when None)."""
+def empty_parameter(shape, dtype=None, device=None) -> Parameter:
+    """An uninitialised Parameter of `shape` on `device` (the default device when None), of `dtype`
+    (npformer.get_default_dtype() when None)."""
     xp = backend.xp_for(backend.check_device(device) if device else backend.default_device())
-    return Parameter(xp.empty(tuple(shape), dtype=dtype))
+    return Parameter(xp.empty(tuple(shape), dtype=resolve(dtype)))
 
 
 class Linear(Module):
@@ -29,7 +32,7 @@ class Linear(Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, generator=None,
-                 dtype=np.float32, device=None):
+                 dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = empty_parameter((out_features, in_features), dtype, device)
@@ -49,7 +52,7 @@ class Embedding(Module):
     weight is drawn from N(0, 1), as torch.nn.Embedding.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, generator=None, dtype=np.float32, device=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, generator=None, dtype=None, device=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = empty_parameter((num_embeddings, embedding_dim), dtype, device)
@@ -70,7 +73,7 @@ class LayerNorm(Module):
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 dtype=np.float32, device=None):
+                 dtype=None, device=None):
         super().__init__()
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps = eps

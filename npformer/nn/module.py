@@ -42,6 +42,7 @@ class Module:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_buffer_formulas", {})
         object.__setattr__(self, "training", True)
 
     # ------------------------------------------------------------------ registration
@@ -73,10 +74,19 @@ class Module:
                 return
         object.__delattr__(self, name)
 
-    def register_buffer(self, name: str, array) -> None:
-        """A non-learnable array saved in state_dict (e.g. a positional-encoding table); may be None."""
+    def register_buffer(self, name: str, array, formula=None) -> None:
+        """A non-learnable array saved in state_dict; may be None.
+
+        formula: for a buffer computed from a formula (a positional-encoding table), the function
+        ``formula(dtype) -> host array`` that computes it; ``to(dtype=...)`` then recomputes the
+        buffer in the new dtype instead of casting the old values (a float32 table cast to float64
+        keeps its float32 rounding).
+        """
         self.__dict__.pop(name, None)
         self._buffers[name] = array
+        self._buffer_formulas.pop(name, None)
+        if formula is not None:
+            self._buffer_formulas[name] = formula
 
     def register_parameter(self, name: str, param) -> None:
         """Register a Parameter (or None, for an absent optional weight such as a disabled bias)."""
@@ -141,7 +151,10 @@ class Module:
             p.grad = None
 
     def to(self, device: str = None, dtype=None) -> "Module":
-        """Move (and/or cast) every parameter and buffer in place; parameters keep their identity."""
+        """Move (and/or cast) every parameter and buffer in place; parameters keep their identity.
+
+        Floating buffers registered with a formula are recomputed in `dtype`, not cast.
+        """
         for m in self.modules():
             for p in m._parameters.values():
                 if p is None:
@@ -154,9 +167,13 @@ class Module:
             for name, b in list(m._buffers.items()):
                 if b is None:
                     continue
-                b = b if device is None else backend.to_device(b, device)
-                if dtype is not None and b.dtype.kind == "f":
-                    b = b.astype(dtype)
+                formula = m._buffer_formulas.get(name)
+                if dtype is not None and b.dtype.kind == "f" and formula is not None:
+                    b = backend.to_device(np.asarray(formula(np.dtype(dtype))), device or backend.device_of(b))
+                else:
+                    b = b if device is None else backend.to_device(b, device)
+                    if dtype is not None and b.dtype.kind == "f":
+                        b = b.astype(dtype)
                 m._buffers[name] = b
         return self
 
@@ -185,17 +202,28 @@ class Module:
                     out[f"{mod_name}.{name}" if mod_name else name] = b
         return out
 
-    def load_state_dict(self, state, strict: bool = True):
+    def load_state_dict(self, state, strict: bool = True, cast: bool = False):
         """Copy arrays into the parameters and buffers of the same names (in place, keeping dtype and device).
 
-        With strict=True any missing, unexpected or wrong-shaped key raises one
-        KeyError/ValueError listing all of them. Returns (missing, unexpected).
+        With strict=True any missing, unexpected or wrong-shaped key raises one ValueError listing
+        all of them. A value whose dtype does not fit the parameter's without loss (float64 into
+        float32, say) is refused, naming each such entry, unless cast=True: rounding the weights of
+        a float64 reference model would make every later comparison silently wrong. Build the model
+        in the source's dtype instead (``with npformer.default_dtype(np.float64): ...``).
+        Returns (missing, unexpected).
         """
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(np.shape(state[k]))}"
                  for k in own if k in state and tuple(own[k].shape) != tuple(np.shape(state[k]))]
+        if not cast and not wrong:
+            lossy = [f"{k} ({src} -> {own[k].dtype})" for k in own if k in state
+                     for src in [_dtype_of(state[k])] if not np.can_cast(src, own[k].dtype, "safe")]
+            if lossy:
+                raise ValueError(f"load_state_dict for {type(self).__name__}: {len(lossy)} entries would lose "
+                                 f"precision: {', '.join(lossy)}; build the model in that dtype "
+                                 f"(npformer.default_dtype) or pass cast=True to round them")
         if wrong or (strict and (missing or unexpected)):
             parts = []
             if missing:
@@ -237,3 +265,12 @@ class Module:
             sub = repr(m).replace("\n", "\n  ")
             lines.append(f"  ({name}): {sub}")
         return "\n".join(lines) + (")" if len(lines) == 1 else "\n)")
+
+
+def _dtype_of(value) -> np.dtype:
+    """The dtype of a state-dict value: an array, a Tensor, or anything numpy.asarray takes."""
+    value = value.data if isinstance(value, Tensor) else value
+    try:
+        return np.dtype(value.dtype)
+    except (AttributeError, TypeError):
+        return np.asarray(backend.to_numpy(value) if backend.is_array(value) else value).dtype

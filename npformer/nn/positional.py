@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, ops
+from ..dtypes import resolve
 from . import init
 from .layers import Dropout, empty_parameter
 from .module import Module
@@ -47,11 +48,13 @@ class SinusoidalPositionalEncoding(Module):
     """
 
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = True,
-                 dtype=np.float32, device=None):
+                 dtype=None, device=None):
         super().__init__()
         self.d_model, self.max_len, self.batch_first = d_model, max_len, batch_first
         xp = backend.xp_for(device or backend.default_device())
-        self.register_buffer("pe", xp.asarray(sinusoidal_table(max_len, d_model, dtype)))
+        # a formula, not data: .to(dtype) and .double() recompute it in the new dtype
+        table = lambda dt: sinusoidal_table(max_len, d_model, dt)             # noqa: E731
+        self.register_buffer("pe", xp.asarray(table(resolve(dtype))), formula=table)
         self.dropout = Dropout(dropout)
 
     def forward(self, x, start: int = 0):
@@ -71,7 +74,7 @@ class LearnedPositionalEmbedding(Module):
     """
 
     def __init__(self, max_len: int, d_model: int, dropout: float = 0.0, batch_first: bool = True,
-                 generator=None, dtype=np.float32, device=None):
+                 generator=None, dtype=None, device=None):
         super().__init__()
         self.max_len, self.d_model, self.batch_first = max_len, d_model, batch_first
         self.weight = init.normal_(empty_parameter((max_len, d_model), dtype, device), generator=generator)

@@ -19,6 +19,7 @@ import copy
 import numpy as np
 
 from .. import backend
+from ..dtypes import resolve
 from ..tensor import Tensor
 from . import functional as F
 from . import init
@@ -66,7 +67,7 @@ class TransformerEncoderLayer(Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = True,
-                 norm_first: bool = False, bias: bool = True, generator=None, dtype=np.float32, device=None):
+                 norm_first: bool = False, bias: bool = True, generator=None, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
@@ -111,7 +112,7 @@ class TransformerDecoderLayer(Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = True,
-                 norm_first: bool = False, bias: bool = True, generator=None, dtype=np.float32, device=None):
+                 norm_first: bool = False, bias: bool = True, generator=None, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
@@ -211,7 +212,7 @@ class Transformer(Module):
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation="relu", custom_encoder: Module = None, custom_decoder: Module = None,
                  layer_norm_eps: float = 1e-5, batch_first: bool = True, norm_first: bool = False,
-                 bias: bool = True, generator=None, dtype=np.float32, device=None):
+                 bias: bool = True, generator=None, dtype=None, device=None):
         super().__init__()
         layer_kw = dict(dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first, bias=bias,
@@ -252,8 +253,8 @@ class Transformer(Module):
                             memory_is_causal=memory_is_causal)
 
     @staticmethod
-    def generate_square_subsequent_mask(sz: int, device=None, dtype=np.float32) -> Tensor:
+    def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
         """(sz, sz) float mask: -inf above the diagonal (future positions), 0 on and below it."""
         xp = backend.xp_for(device or backend.default_device())
-        mask = xp.triu(xp.full((sz, sz), -np.inf, dtype=dtype), k=1)
+        mask = xp.triu(xp.full((sz, sz), -np.inf, dtype=resolve(dtype)), k=1)
         return Tensor(mask)
