@@ -34,8 +34,10 @@ DEFAULT_PATHS = ["npformer/ops/*.py", "npformer/autograd.py", "npformer/optim/*.
 # The fast subset that guards those files (about a minute for the whole suite; this is seconds).
 DEFAULT_TESTS = ["tests/test_ops_activations.py", "tests/test_ops_attention.py", "tests/test_ops_dtype.py",
                  "tests/test_ops_elementwise.py", "tests/test_ops_fused.py", "tests/test_ops_linalg.py",
-                 "tests/test_ops_reduction.py", "tests/test_ops_shape.py", "tests/test_grad_properties.py",
-                 "tests/test_autograd.py", "tests/test_tensor.py", "tests/test_gradcheck.py", "tests/test_optim.py"]
+                 "tests/test_ops_reduction.py", "tests/test_ops_shape.py", "tests/test_ops_registry.py",
+                 "tests/test_fast.py", "tests/test_grad_properties.py", "tests/test_autograd.py",
+                 "tests/test_autograd_inputs.py", "tests/test_tensor.py", "tests/test_gradcheck.py",
+                 "tests/test_optim.py", "tests/test_optim_formulas.py", "tests/test_optim_state.py"]
 KILLED = {"killed", "timeout", "segfault"}       # the tests saw the bug (mutmut's statuses)
 
 
