@@ -37,7 +37,8 @@ DEFAULT_TESTS = ["tests/test_ops_activations.py", "tests/test_ops_attention.py",
                  "tests/test_ops_reduction.py", "tests/test_ops_shape.py", "tests/test_ops_registry.py",
                  "tests/test_fast.py", "tests/test_grad_properties.py", "tests/test_autograd.py",
                  "tests/test_autograd_inputs.py", "tests/test_tensor.py", "tests/test_gradcheck.py",
-                 "tests/test_optim.py", "tests/test_optim_formulas.py", "tests/test_optim_state.py"]
+                 "tests/test_optim.py", "tests/test_optim_errors.py", "tests/test_optim_formulas.py",
+                 "tests/test_optim_state.py"]
 KILLED = {"killed", "timeout", "segfault"}       # the tests saw the bug (mutmut's statuses)
 
 

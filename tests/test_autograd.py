@@ -5,13 +5,17 @@ Every test builds its tensors on the device under test (NPFORMER_DEVICE) with
 ``T`` and reads them back with ``host``.
 """
 
+import re
+import threading
 import time
 
 import numpy as np
 import pytest
 
 import npformer as nf
+from npformer import backend
 from npformer.autograd import is_grad_enabled, no_grad, set_grad_enabled
+from npformer.ops._core import result
 from tests.helpers import T, host
 
 
@@ -291,3 +295,89 @@ def test_requires_grad_is_settable_on_leaves_only_and_retain_grad_needs_it():
         T(np.ones(3)).retain_grad()
     x.requires_grad = False                                  # a leaf: allowed
     assert not x.requires_grad and not (x * 2.0).requires_grad
+
+
+# ----------------------------------------------------------------------------- messages, seed, threads
+
+def test_backward_errors_say_what_went_wrong():
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "backward: the tensor does not require grad and has no grad_fn (was it computed under "
+            "no_grad(), or from tensors with requires_grad=False?)") + "$"):
+        T(np.ones(2)).sum().backward()
+    # autograd.backward itself frees the graph unless told otherwise, like Tensor.backward
+    y = (T(_rand(14, 3), requires_grad=True) * 2.0).sum()
+    nf.autograd.backward(y)
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "backward: trying to backward through the graph a second time; its buffers were freed. "
+            "Pass retain_graph=True the first time.") + "$"):
+        nf.autograd.backward(y)
+
+
+def test_the_seed_is_cast_to_the_roots_dtype_and_otherwise_not_copied():
+    x = T(np.ones(3), requires_grad=True, dtype=np.float32)
+    got = []
+    nf.autograd.backward(x * 2.0, T(np.array([1.0, 2.0, 3.0])).data, sink=lambda t, g: got.append(g))
+    assert got[0].dtype == np.float32 and host(got[0]).tolist() == [2.0, 4.0, 6.0]
+    seed = T(np.array([1.0, 2.0, 3.0]), dtype=np.float32).data     # already float32: handed on as is
+    nf.autograd.backward(x, seed, sink=lambda t, g: got.append(g))
+    assert got[1] is seed
+
+
+def test_grad_mode_is_per_thread_and_on_in_a_new_thread():
+    """no_grad() in one thread leaves every other thread recording, and a new thread starts enabled."""
+    x = T(np.ones(3), requires_grad=True)
+    seen = {}
+
+    def ops(where):
+        seen[where] = (is_grad_enabled(), (x * 2.0).requires_grad)
+
+    def in_thread(where):
+        thread = threading.Thread(target=ops, args=(where,))
+        thread.start()
+        thread.join()
+
+    in_thread("new thread")
+    with no_grad():
+        in_thread("beside a no_grad block")
+        ops("inside the no_grad block")
+    assert seen == {"new thread": (True, True), "beside a no_grad block": (True, True),
+                    "inside the no_grad block": (False, False)}
+
+
+# ----------------------------------------------------------------------------- ops written outside the library
+# An op is result(out, parents, backward, name) (npformer/ops/_core.py): its backward may return None
+# for an input, or a Python number for a 0-d input; the engine copes with both.
+
+def test_an_input_whose_backward_returns_none_gets_no_grad_and_others_still_do():
+    a, b = T(np.ones(3), requires_grad=True), T(np.ones(3), requires_grad=True)
+    first_only = lambda: result(a.data + b.data, (a, b), lambda g: (g * 2.0, None), "first_only")  # noqa: E731
+    first_only().backward(T(np.array([1.0, 2.0, 3.0])))
+    assert b.grad is None
+    np.testing.assert_array_equal(host(a.grad), [2.0, 4.0, 6.0])
+    a.grad = None
+    (first_only() + b * 5.0).sum().backward()              # b's only gradient comes from the other branch
+    np.testing.assert_array_equal(host(a.grad), [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(host(b.grad), [5.0, 5.0, 5.0])
+
+
+@pytest.mark.parametrize("through", ["leaf", "intermediate"])
+def test_a_python_float_gradient_becomes_an_array_of_the_inputs_dtype(through):
+    x = T(np.array(1.5), requires_grad=True, dtype=np.float32)
+    scale = 1.0 if through == "leaf" else 2.0
+
+    def triple():
+        inp = x if through == "leaf" else x * 2.0            # an intermediate: its Node carries the dtype
+        return result(inp.data * 3.0, (inp,), lambda g: (float(g) * 3.0,), "triple")
+    got = []
+    nf.autograd.backward(triple(), sink=lambda t, g: got.append(g))
+    assert backend.is_array(got[0]) and got[0].dtype == np.float32 and host(got[0]) == 3.0 * scale
+    triple().backward()
+    assert backend.is_array(x.grad) and x.grad.dtype == np.float32 and host(x.grad) == 3.0 * scale
+
+
+def test_a_node_records_its_outputs_dtype_and_shape():
+    """Node.dtype and Node.shape (docs/autograd.md section 2) are the output's: tests seed a node's
+    backward from them (tests/test_ops_dtype.py), and the engine casts a scalar gradient to the dtype."""
+    x = T(_rand(15, 2, 3), requires_grad=True, dtype=np.float32)
+    for y in (x * 2.0, x.sum(), x.reshape(3, 2), x[0]):
+        assert y._node.dtype == np.float32 and y._node.shape == y.shape

@@ -127,3 +127,18 @@ def test_gradients_when_only_some_inputs_require_grad(case):
                 assert g is None
         inputs = [T(a, requires_grad=m) for a, m in zip(arrays, mask)]
         assert nf.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["add", "mul", "matmul"])
+def test_a_second_input_frozen_after_the_forward_leaves_the_first_its_grad(op):
+    """The backward pass visits an op's second input before its first: a frozen one (whether the op
+    hands it a gradient, as add does, or skips it, as mul does) must not end the pass there."""
+    w0, x0 = _rand(40, 3, 3), _rand(41, 3, 3)
+    w, x = T(w0, requires_grad=True), T(x0, requires_grad=True)
+    fn, dw = {"add": (lambda a, b: a + b, np.ones((3, 3))), "mul": (lambda a, b: a * b, x0),
+              "matmul": (lambda a, b: a @ b, np.ones((3, 3)) @ x0.T)}[op]
+    y = fn(w, x)
+    x.requires_grad = False
+    y.sum().backward()
+    assert x.grad is None
+    np.testing.assert_allclose(host(w.grad), dw, rtol=1e-15)

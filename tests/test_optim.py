@@ -149,6 +149,24 @@ def test_float32_stays_float32_in_place(cls, kwargs):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls,kwargs", [("SGD", dict(lr=0.1, momentum=0.9)),
+                                        ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)),
+                                        ("Adam", dict(lr=0.01, weight_decay=0.1))])
+def test_float64_grads_on_float32_parameters_leave_them_and_their_state_float32(cls, kwargs):
+    init, grads = make_data(5)
+    params = [T(a.copy(), requires_grad=True, dtype=np.float32) for a in init]
+    opt = getattr(optim, cls)(params, **kwargs)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = None if g is None else T(g.copy()).data          # float64
+        opt.step()
+    ref, _, _ = run_ours(cls, kwargs, init, grads)                    # all float64
+    for p, r in zip(params, ref[-1]):
+        assert p.dtype == np.float32 and all(v.dtype == np.float32 for v in opt.state[p].values()
+                                             if backend.is_array(v))
+        np.testing.assert_allclose(host(p), r, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- API and arguments
 
 @pytest.mark.parametrize("make,match", [
@@ -340,6 +358,13 @@ def test_weight_decay_groups_split_by_rank():
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         optim.weight_decay_groups(_named(), -0.1)
+
+
+def test_weight_decay_groups_skip_frozen_and_repeated_tensors_wherever_they_are():
+    named = _named()                                   # frozen and tied ones first: the rest still counts
+    decay, no_decay = optim.weight_decay_groups([named[4], named[0], named[5]] + named[1:4], 0.1)
+    assert decay["param_names"] == ["wte.weight", "h.0.attn.weight"]
+    assert no_decay["param_names"] == ["h.0.ln.weight", "h.0.attn.bias"]
 
 
 @pytest.mark.verify

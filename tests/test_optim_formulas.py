@@ -84,6 +84,14 @@ def test_adam_adds_l2_weight_decay_to_the_gradient():
     assert not np.allclose(got, adam_by_hand(X0, GRADS, lr, *betas, eps, wd, decoupled=True), rtol=1e-6)
 
 
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_adam_weight_decay_of_one(cls):
+    # wd = 1 is a weight decay like any other: AdamW shrinks x by lr, Adam adds x to the gradient
+    got = run(lambda ps: getattr(optim, cls)(ps, lr=0.05, betas=(0.8, 0.9), eps=1e-8, weight_decay=1.0))
+    expected = adam_by_hand(X0, GRADS, 0.05, 0.8, 0.9, 1e-8, 1.0, decoupled=cls == "AdamW")
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=0)
+
+
 def test_adam_eps_is_added_after_the_bias_corrected_square_root():
     # a tiny gradient, where eps is not negligible: 1e-9 / (sqrt(1e-18) + 1e-8) at step 1
     got = run(lambda ps: optim.Adam(ps, lr=1.0, eps=1e-8), [[1e-9, -1e-9]], x0=[0.0, 0.0])[0]
@@ -116,6 +124,8 @@ SGD_CASES = {
     "weight decay": dict(lr=0.1, weight_decay=0.05),
     "momentum": dict(lr=0.1, momentum=0.9),
     "momentum, dampening, weight decay": dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05),
+    "weight decay of one": dict(lr=0.1, weight_decay=1.0),
+    "momentum, dampening of one": dict(lr=0.1, momentum=0.9, dampening=1.0),     # b = mu * b after step 1
     "nesterov": dict(lr=0.1, momentum=0.8, nesterov=True),
     "nesterov, weight decay": dict(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.05),
 }
@@ -183,6 +193,19 @@ def test_clip_grad_norm_with_only_frozen_parameters():
     assert optim.clip_grad_norm([T(np.ones(2)), T(np.ones(3))], 1.0) == 0.0
 
 
+@pytest.mark.parametrize("norm_type", sorted(NORMS))
+def test_clip_grad_norm_ignores_empty_gradients(norm_type):
+    """A parameter with no elements (as torch does: it adds nothing to any norm, the max-abs one included)."""
+    params = clip_params()
+    empty = T(np.zeros((0, 3)), requires_grad=True)
+    empty.grad = T(np.zeros((0, 3))).data
+    got = optim.clip_grad_norm([empty] + params, 1.0, norm_type=norm_type)
+    assert math.isclose(got, NORMS[norm_type], rel_tol=RTOL, abs_tol=0)
+    assert empty.grad.shape == (0, 3)
+    flat = np.concatenate([host(p.grad).reshape(-1) for p in params[:2]])
+    np.testing.assert_allclose(flat, [g / (NORMS[norm_type] + 1e-6) for g in FLAT], rtol=RTOL, atol=0)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 def test_warmup_cosine_at_a_few_steps():
@@ -201,6 +224,16 @@ def test_warmup_cosine_at_a_few_steps():
     }
     for step, want in expected.items():
         assert math.isclose(f(step), want, rel_tol=RTOL, abs_tol=0), (step, f(step), want)
+
+
+@pytest.mark.parametrize("warmup_iters", [2, 5, 11])
+def test_warmup_cosine_at_its_boundaries(warmup_iters):
+    """The cosine takes over at step == warmup_iters, where it is exactly lr (the warmup's formula,
+    lr * (w + 1) / (w + 1), rounds to 0.10000000000000002 here), and ends exactly at min_lr."""
+    f = lambda step, min_lr=0.0: optim.warmup_cosine(step, 0.1, min_lr, warmup_iters, 20)   # noqa: E731
+    assert f(warmup_iters - 1) == 0.1 * warmup_iters / (warmup_iters + 1)
+    assert f(warmup_iters) == 0.1
+    assert f(20, min_lr=0.01) == 0.01 and f(21, min_lr=0.01) == 0.01
 
 
 def test_noam_at_a_few_steps():

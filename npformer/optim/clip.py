@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Tensor
 from .optimizer import as_float, nonnegative
@@ -34,18 +36,13 @@ def clip_grad_norm(params, max_norm: float, norm_type: float = 2.0, error_if_non
     if not grads:
         return 0.0
 
-    # one norm per device (one transfer each), then the norm of those on the host
+    # each grad's norm on its device, brought to the host in one transfer per device; then their norm
     per_device = {}
     for g in grads:
         xp = backend.get_array_module(g)
         per_device.setdefault(xp, []).append(_vector_norm(xp, g, norm_type))
-    partial = [float(_vector_norm(xp, xp.stack(norms), norm_type)) for xp, norms in per_device.items()]
-    if len(partial) == 1:
-        total = partial[0]
-    elif math.isinf(norm_type):
-        total = max(partial)
-    else:
-        total = math.fsum(x ** norm_type for x in partial) ** (1.0 / norm_type)
+    norms = np.concatenate([backend.to_numpy(xp.stack(n)) for xp, n in per_device.items()])
+    total = float(_vector_norm(np, norms, norm_type))
 
     if not math.isfinite(total):
         if error_if_nonfinite:

@@ -233,8 +233,10 @@ class Optimizer:
             i = _index(key, parts[1], len(group["params"]))
             p, name = group["params"][i], parts[2]
             if kind == "param":
-                shape = tuple(int(s) for s in np.asarray(value).reshape(-1))
-                if name != "shape" or shape != p.shape:
+                if name != "shape":
+                    raise ValueError(f"{mine}.load_state_dict: unexpected key {key!r}")
+                shape = tuple(int(s) for s in np.ravel(value))
+                if shape != p.shape:
                     raise ValueError(f"{mine}.load_state_dict: {_label(group, gi, i)} has shape {p.shape}, "
                                      f"the state was saved for shape {shape}")
             elif kind == "state":
@@ -297,7 +299,10 @@ def _check_names(gi: int, group: dict, saved) -> None:
     mine = group.get("param_names")
     if mine is None:
         return
-    saved = [str(s) for s in np.asarray(saved).reshape(-1).tolist()]
+    saved = [str(s) for s in np.ravel(saved).tolist()]
+    if len(saved) != len(mine):
+        raise ValueError(f"optimizer state group {gi} was saved with {len(saved)} parameter names, "
+                         f"the optimizer has {len(mine)}")
     for i, (a, b) in enumerate(zip(saved, mine)):
         if a != b:
             raise ValueError(f"optimizer state group {gi} parameter {i} is {a!r}, the optimizer has {b!r}")
