@@ -187,22 +187,24 @@ def _dropout(draw):
 
 @st.composite
 def _attention(draw):
+    """q, k, v with broadcast batch axes and no mask, a bool mask, causal, or an additive bias that is an
+    input of its own (so it requires grad): a float `mask`, broadcast over some axes, or bias= with causal."""
     L, S, E, Ev = (draw(st.integers(1, 3)) for _ in range(4))
     bq, bk = draw(st.sampled_from([((), ()), ((2,), (2,)), ((2, 1), (3,)), ((1,), (2,))]))
-    kind = draw(st.sampled_from(["none", "bool", "float", "causal"]))
-    mask = None
+    kind = draw(st.sampled_from(["none", "bool", "float", "causal", "causal+bias"]))
+    if kind.startswith("causal"):
+        S = L
+    kw = dict(scale=draw(st.sampled_from([1.0, 0.7])), causal=kind.startswith("causal"))
+    ins = (draw(arrays(bq + (L, E))), draw(arrays(bk + (S, E))), draw(arrays(bk + (S, Ev))))
     if kind == "bool":
         mask = draw(hnp.arrays(bool, (L, S)))
-    elif kind == "float":
-        mask = draw(arrays((L, S)))
-    elif kind == "causal":
-        S = L
-    kw = dict(scale=draw(st.sampled_from([1.0, 0.7])), causal=kind == "causal")
-    ins = (draw(arrays(bq + (L, E))), draw(arrays(bk + (S, E))), draw(arrays(bk + (S, Ev))))
-    def fn(q, k, v):        # an additive mask in the scores' dtype (a float64 one would upcast float32)
-        m = None if mask is None else T(mask if mask.dtype == bool else mask.astype(q.dtype)).data
-        return nf.attention(q, k, v, m, **kw)
-    return OpCase(fn, ins, () if mask is None else (mask,))
+        return OpCase(lambda q, k, v: nf.attention(q, k, v, T(mask).data, **kw), ins, (mask,))
+    if kind in ("float", "causal+bias"):
+        shape = draw(st.sampled_from([(L, S), (1, S), (L, 1), (S,), (2, 1, L, S)]))
+        if kind == "float":
+            return OpCase(lambda q, k, v, m: nf.attention(q, k, v, m, **kw), ins + (draw(arrays(shape)),))
+        return OpCase(lambda q, k, v, b: nf.attention(q, k, v, bias=b, **kw), ins + (draw(arrays(shape)),))
+    return OpCase(lambda q, k, v: nf.attention(q, k, v, **kw), ins)
 
 
 @st.composite

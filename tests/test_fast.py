@@ -53,36 +53,41 @@ def test_every_fast_op_is_tested_here():
 
 @st.composite
 def attention_cases(draw):
-    """(q, k, v shapes with broadcast batch axes, a bool or float mask broadcasting to the scores, causal)."""
+    """(q, k, v shapes with broadcast batch axes, a bool mask broadcasting to the scores, the shape of an
+    additive bias (an input, so its gradient is compared too) or None, causal)."""
     L, S, E, Ev = (draw(st.integers(1, 6)) for _ in range(4))
     batch = draw(st.sampled_from([(), (2,), (2, 1), (1, 2)]))
     kv_batch = draw(st.sampled_from([batch, batch[-1:], (1,) * len(batch)]))
-    kind = draw(st.sampled_from(["none", "bool", "float", "causal", "self-causal"]))
-    if kind == "self-causal":                       # L == S, equal batch axes: the blocked path
+    kind = draw(st.sampled_from(["none", "bool", "bias", "bool+bias", "causal", "self-causal", "causal+bias"]))
+    if kind in ("self-causal", "causal+bias"):      # L == S, equal batch axes: the blocked path (not with a bias)
         S, kv_batch = L, batch
-    mask = None
-    if kind in ("bool", "float"):
-        mask_shape = draw(st.sampled_from([(L, S), (S,), (1, S), (L, 1), (2, L, S)]))
-        if kind == "bool":
-            mask = draw(hnp.arrays(bool, mask_shape))
-        else:
-            mask = draw(hnp.arrays(np.float64, mask_shape, elements=st.sampled_from([0.0, -1.0, 0.5, -np.inf])))
-    return batch + (L, E), kv_batch + (S, E), kv_batch + (S, Ev), mask, kind.endswith("causal")
+    shapes_ = [(L, S), (S,), (1, S), (L, 1), (2, L, S), (1, 1, L, S), batch + (1, S)]
+    mask = bias = None
+    if "bool" in kind:
+        mask = draw(hnp.arrays(bool, draw(st.sampled_from(shapes_))))
+    if "bias" in kind:
+        bias = draw(st.sampled_from(shapes_))
+    return batch + (L, E), kv_batch + (S, E), kv_batch + (S, Ev), mask, bias, "causal" in kind
 
 
 @given(case=attention_cases(), scale=st.sampled_from([1.0, 0.3]), dropout_p=st.sampled_from([0.0, 0.0, 0.4]),
-       seed=st.integers(0, 2 ** 16), block=st.integers(1, 5), frozen=st.sets(st.integers(0, 2), max_size=2),
+       seed=st.integers(0, 2 ** 16), block=st.integers(1, 5), frozen=st.sets(st.integers(0, 3), max_size=3),
        data=st.data())
 def test_attention(case, scale, dropout_p, seed, block, frozen, data):
-    sq, sk, sv, mask, causal = case
-    q, k, v = (data.draw(arrays(s), label=n) for s, n in ((sq, "q"), (sk, "k"), (sv, "v")))
+    """Output and the gradients of q, k, v and of an additive bias (drawn with -inf entries) to 1e-12."""
+    sq, sk, sv, mask, bias_shape, causal = case
+    inputs = [data.draw(arrays(s), label=n) for s, n in ((sq, "q"), (sk, "k"), (sv, "v"))]
+    if bias_shape is not None:
+        inputs.append(data.draw(hnp.arrays(np.float64, bias_shape, elements=st.sampled_from(
+            [0.0, -1.0, 0.5, 2.25, -np.inf])), label="bias"))
     m = None if mask is None else T(mask).data
     kw = dict(scale=scale, dropout_p=dropout_p, causal=causal)
     assert_fast_equals_reference(
-        lambda a, b, c: nf.attention(a, b, c, m, generator=nf.random.Generator(seed, DEVICE), **kw),
-        lambda a, b, c: fast.attention(a, b, c, m, generator=nf.random.Generator(seed, DEVICE), causal_block=block,
-                                       **kw),
-        [q, k, v], frozen)
+        lambda a, b, c, *bias: nf.attention(a, b, c, m, generator=nf.random.Generator(seed, DEVICE),
+                                            bias=bias[0] if bias else None, **kw),
+        lambda a, b, c, *bias: fast.attention(a, b, c, m, generator=nf.random.Generator(seed, DEVICE),
+                                              bias=bias[0] if bias else None, causal_block=block, **kw),
+        inputs, frozen)
 
 
 @given(T_=st.integers(1, 11), n_head=st.integers(1, 3), D=st.integers(1, 3), batch=st.sampled_from([(), (2,), (2, 1)]),

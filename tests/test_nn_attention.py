@@ -156,7 +156,8 @@ def test_sdpa_errors_name_the_argument_and_shapes():
 # ----------------------------------------------------------------------------- MultiHeadAttention
 
 def ref_mha(mha, query, key, value, attn_mask=None, key_padding_mask=None):
-    """Head by head in NumPy from the module's weights. Masks: bool True = masked out, float added."""
+    """Head by head in NumPy from the module's weights. Masks: bool True = masked out, float added.
+    bias_k, bias_v and then a zero key and value are appended after the S keys, masked for no query."""
     E, H = mha.embed_dim, mha.num_heads
     d = E // H
     if mha._qkv_same_embed_dim:
@@ -166,17 +167,23 @@ def ref_mha(mha, query, key, value, attn_mask=None, key_padding_mask=None):
     bq, bk, bv = np.split(host(mha.in_proj_bias), 3) if mha.in_proj_bias is not None else (0, 0, 0)
     q, k, v = query @ wq.T + bq, key @ wk.T + bk, value @ wv.T + bv
     B, L, S = query.shape[0], query.shape[1], key.shape[1]
-    add = np.zeros((B, H, L, S))
+    if mha.bias_k is not None:
+        k, v = (np.concatenate([t, np.broadcast_to(host(b), (B, 1, E))], axis=1)
+                for t, b in ((k, mha.bias_k), (v, mha.bias_v)))
+    if mha.add_zero_attn:
+        k, v = (np.concatenate([t, np.zeros((B, 1, E))], axis=1) for t in (k, v))
+    add = np.zeros((B, H, L, k.shape[1]))
+    masked = add[..., :S]                                          # a view: the added keys stay unmasked
     if attn_mask is not None:
         m = attn_mask if attn_mask.ndim == 2 else attn_mask.reshape(B, H, L, S)
-        add = add + (np.where(m, -np.inf, 0.0) if m.dtype == bool else m)
+        masked += np.where(m, -np.inf, 0.0) if m.dtype == bool else m
     if key_padding_mask is not None:
         m = key_padding_mask[:, None, None, :]
-        add = add + (np.where(m, -np.inf, 0.0) if m.dtype == bool else m)
+        masked += np.where(m, -np.inf, 0.0) if m.dtype == bool else m
     heads, ws = [], []
     for h in range(H):
         sl = slice(h * d, (h + 1) * d)
-        o, w = ref_attention(q[..., sl], k[..., sl], v[..., sl], additive=add[:, h])
+        o, w = ref_attention(q[..., sl], k[..., sl], v[..., sl], additive=add[:, h], scale=mha.scale)
         heads.append(o)
         ws.append(w)
     out = np.concatenate(heads, axis=-1) @ host(mha.out_proj.weight).T
@@ -202,16 +209,26 @@ def test_mha_parameter_names_and_shapes_follow_torch():
         ("out_proj.weight", (6, 6)), ("out_proj.bias", (6,))]
     assert [n for n, _ in nn.MultiHeadAttention(6, 3, bias=False, **F64).named_parameters()] == [
         "in_proj_weight", "out_proj.weight"]
+    assert shapes(nn.MultiHeadAttention(6, 3, add_bias_kv=True, **F64)) == [    # torch's state_dict order
+        ("in_proj_weight", (18, 6)), ("in_proj_bias", (18,)), ("bias_k", (1, 1, 6)), ("bias_v", (1, 1, 6)),
+        ("out_proj.weight", (6, 6)), ("out_proj.bias", (6,))]
+    plain = nn.MultiHeadAttention(6, 3, add_zero_attn=True, **F64)
+    assert plain.bias_k is None and plain.bias_v is None and plain.add_zero_attn and plain.scale is None
     fresh = nn.MultiHeadAttention(6, 3, **F64)
     assert (host(fresh.in_proj_bias) == 0).all() and (host(fresh.out_proj.bias) == 0).all()
     with pytest.raises(ValueError, match="embed_dim 10 must be divisible by num_heads 3"):
         nn.MultiHeadAttention(10, 3)
 
 
+OPTIONS = {"plain": {}, "bias_kv": dict(add_bias_kv=True), "zero_attn": dict(add_zero_attn=True),
+           "both+scale": dict(add_bias_kv=True, add_zero_attn=True, scale=1.0)}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("mask_kind", ["none", "bool2d", "float3d", "padding_bool", "both_mixed"])
-def test_mha_matches_head_by_head_reference(mask_kind):
+def test_mha_matches_head_by_head_reference(mask_kind, options):
     rng = np.random.default_rng(4)
-    mha = make_mha()
+    mha = make_mha(**OPTIONS[options])
     B, L, S = 2, 3, 5
     x, mem = rng.standard_normal((B, L, 4)), rng.standard_normal((B, S, 4))
     am = kpm = None
@@ -245,6 +262,28 @@ def test_mha_gradcheck_self_and_cross_attention():
     cross = make_mha(kdim=3, vdim=2, seed=1)
     q, k, v = rand_t(rng, 2, 3, 4), rand_t(rng, 2, 5, 3), rand_t(rng, 2, 5, 2)
     assert gradcheck_module(cross, [q, k, v], pick=lambda r: r[0])
+
+
+@pytest.mark.parametrize("options", ["bias_kv", "zero_attn", "both+scale"])
+def test_mha_options_gradcheck_with_masks(options):
+    """bias_k and bias_v among the parameters checked; a float key_padding_mask among the inputs."""
+    rng = np.random.default_rng(9)
+    mha = make_mha(seed=2, **OPTIONS[options])
+    x, kpm = rand_t(rng, 2, 3, 4), rand_t(rng, 2, 3)
+    causal = T(np.triu(np.ones((3, 3), bool), 1))
+    fn = lambda x, kpm: mha(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=True)
+    assert gradcheck_module(_Wrap(fn, mha), [x, kpm], pick=lambda r: nf.concatenate([r[0].reshape(-1),
+                                                                                    r[1].reshape(-1)]))
+
+
+def test_mha_bias_kv_is_initialised_as_torch_xavier_normal_and_refuses_torch_positional_order():
+    E = 4096
+    mha = nn.MultiHeadAttention(E, 1, add_bias_kv=True, generator=nf.random.Generator(0), **F64)
+    for b in (mha.bias_k, mha.bias_v):      # xavier_normal_ of (1, 1, E): fan_in = fan_out = E, std = 1 / sqrt(E)
+        assert abs(host(b).std() * np.sqrt(E) - 1) < 0.05 and abs(host(b).mean()) * np.sqrt(E) < 0.1
+    assert not np.array_equal(host(mha.bias_k), host(mha.bias_v))
+    with pytest.raises(TypeError, match="kdim must be a positive int or None; got True .*add_bias_kv"):
+        nn.MultiHeadAttention(4, 2, 0.0, True, True, False)      # torch's (..., add_bias_kv, add_zero_attn)
 
 
 class _Wrap(nn.Module):

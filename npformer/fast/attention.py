@@ -6,8 +6,8 @@ Three changes of layout, none of algebra (docs/derivations.md#transposed-scores)
   rows: Z = S^T = k (q * scale)^T. The softmax then reduces over axis -2, where NumPy's max
   is an elementwise maximum over contiguous rows (3x faster than its max along a short last
   axis), row sums are products with a vector of ones, and the updates are in place.
-- Causal query blocks. causal=True self-attention (L == S, equal batch axes, no dropout) takes
-  the queries in blocks of `causal_block` rows, each against only the keys it can see.
+- Causal query blocks. causal=True self-attention (L == S, equal batch axes, no dropout, no
+  bias) takes the queries in blocks of `causal_block` rows, each against only the keys it can see.
 - Packed heads. self_attention reads q, k, v as strided views of the packed projections and
   writes the output (and, in the backward, dq, dk, dv) in place: no split, no merge copy.
 
@@ -16,24 +16,24 @@ Tested equal to the reference in float64 in tests/test_fast.py.
 
 from __future__ import annotations
 
-from ..ops._core import needs, register_fast, result, tensors, unbroadcast
-from ..ops.attention import check_attention, dropout_scale, packed_heads
+from ..ops._core import needs, register_fast, result, tensors
+from ..ops.attention import check_attention, dropout_scale, input_grads, packed_heads
 
 CAUSAL_BLOCK = 64   # query rows per block of the causal path (below 2 blocks it is not used)
 
 
 @register_fast
 def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, generator=None,
-              causal: bool = False, causal_block: int = CAUSAL_BLOCK):
+              causal: bool = False, bias=None, causal_block: int = CAUSAL_BLOCK):
     """npformer.ops.attention, with the scores transposed and causal self-attention in blocks.
 
     causal_block: query rows per block of the causal path; it is taken for self-attention
-    (L == S, equal batch axes, no dropout) of at least two blocks.
+    (L == S, equal batch axes, no dropout, no bias) of at least two blocks.
     """
     q, k, v = tensors("attention", q, k, v)
-    mask = check_attention(q, k, v, mask, causal)
+    mask, bias = check_attention(q, k, v, mask, bias, causal)
     xp = q.xp
-    if causal and _blockable(q.shape, k.shape, v.shape, dropout_p, causal_block):
+    if causal and bias is None and _blockable(q.shape, k.shape, v.shape, dropout_p, causal_block):
         out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=xp.result_type(q.data, k.data, v.data))
         blocks, probs = _blocks_forward(xp, q.data, k.data, v.data, scale, out, causal_block)
 
@@ -45,15 +45,15 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
             return dq, dk, dv
         return result(out, (q, k, v), backward, "attention")
 
-    saved = _weights(xp, q.data, k.data, scale, mask, causal, dropout_p, generator, q.device)
+    saved = _weights(xp, q.data, k.data, scale, mask, None if bias is None else bias.data, causal, dropout_p,
+                     generator, q.device)
     out = saved[1].swapaxes(-1, -2) @ v.data                           # W v (..., L, Ev)
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
 
     def backward(g):
-        dq, dk, dv = _general_backward(xp, g, q.data, k.data, v.data, scale, saved,
-                                       needs(q), needs(k), needs(v))
-        return (None if dq is None else unbroadcast(dq, q.shape), None if dk is None else unbroadcast(dk, k.shape),
-                None if dv is None else unbroadcast(dv, v.shape))
-    return result(out, (q, k, v), backward, "attention")
+        grads = _general_backward(xp, g, q.data, k.data, v.data, scale, saved, *(needs(t) for t in inputs))
+        return input_grads(inputs, grads)
+    return result(out, inputs, backward, "attention")
 
 
 @register_fast
@@ -75,7 +75,7 @@ def self_attention(qkv, n_head: int, scale=None, causal: bool = False, dropout_p
         blocks, probs = _blocks_forward(xp, q, k, v, scale, out_heads, causal_block)
         saved = None
     else:
-        saved = _weights(xp, q, k, scale, None, causal, dropout_p, generator, x.device)
+        saved = _weights(xp, q, k, scale, None, None, causal, dropout_p, generator, x.device)
         xp.matmul(saved[1].swapaxes(-1, -2), v, out=out_heads)
 
     def backward(g):
@@ -118,29 +118,24 @@ def _softmax_backward_columns(dz, z, xp):
     return dz
 
 
-def _weights(xp, q, k, scale, mask, causal, dropout_p, generator, device):
+def _weights(xp, q, k, scale, mask, bias, causal, dropout_p, generator, device):
     """(P^T, W^T, D^T or None), each (..., S, L): the softmax weights, after dropout, and its scaling."""
     L, S = q.shape[-2], k.shape[-2]
     # The scale goes on q (L x E), and in the backward on dq and dk, rather than on the
-    # larger (S x L) scores; masks are applied in place where they do not enlarge the scores.
+    # larger (S x L) scores; the bias and the mask are applied in place where they do not
+    # enlarge the scores.
     z = k @ (q * scale).swapaxes(-1, -2)                               # S^T (..., S, L)
-    live = mask is None             # no query can be left without keys (causal: query i sees key i)
+    live = mask is None and bias is None    # no query can be left without keys (causal: query i sees key i)
+    if bias is not None:
+        z = _add_in_place(z, _transposed(bias), xp)
     if causal:
         z += xp.where(xp.tri(L, S, dtype=bool).T, 0, -xp.inf).astype(z.dtype)   # key j sees query i >= j
-    elif mask is not None:
-        if mask.ndim < 2:
-            mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
-        mask_t = mask.swapaxes(-1, -2)                                 # (..., S, L), a view
-        in_place = xp.broadcast_shapes(mask_t.shape, z.shape) == z.shape
-        if mask.dtype == bool:
-            if in_place:                                               # adding a small 0/-inf table is
-                z += xp.where(mask_t, 0, -xp.inf).astype(z.dtype)      # faster than a masked write
-            else:
-                z = xp.where(mask_t, z, -xp.inf)                       # broadcasts z up to the mask's shape
-        elif in_place:
-            z += mask_t
+    elif mask is not None:                                             # bool, True = attend
+        mask_t = _transposed(mask)
+        if xp.broadcast_shapes(mask_t.shape, z.shape) == z.shape:      # adding a small 0/-inf table is
+            z += xp.where(mask_t, 0, -xp.inf).astype(z.dtype)          # faster than a masked write
         else:
-            z = z + mask_t.astype(z.dtype, copy=False)
+            z = xp.where(mask_t, z, -xp.inf)                           # broadcasts z up to the mask's shape
     p = _softmax_columns(z, xp, live)                                  # P^T (..., S, L)
     if dropout_p == 0.0:
         return p, p, None
@@ -150,17 +145,31 @@ def _weights(xp, q, k, scale, mask, causal, dropout_p, generator, device):
     return p, p * scale_d, scale_d
 
 
-def _general_backward(xp, g, q, k, v, scale, saved, want_q, want_k, want_v, out=None):
-    """(dq, dk, dv) of the full-score path, in broadcast shapes (None where not wanted).
+def _transposed(a):
+    """A mask or bias broadcastable to (..., L, S) as a view broadcastable to (..., S, L)."""
+    return a.reshape((1,) * (2 - a.ndim) + a.shape).swapaxes(-1, -2)
 
-    out: (dq, dk, dv) arrays to write into (same shapes as q, k, v; no broadcasting), or None.
+
+def _add_in_place(z, a, xp):
+    """z + a, written into z where that does not enlarge it."""
+    if xp.broadcast_shapes(a.shape, z.shape) != z.shape:
+        return z + a
+    z += a
+    return z
+
+
+def _general_backward(xp, g, q, k, v, scale, saved, want_q, want_k, want_v, want_bias=False, out=None):
+    """(dq, dk, dv, dbias) of the full-score path, in broadcast shapes (None where not wanted).
+
+    dbias = dS, the scores' gradient (..., L, S). out: (dq, dk, dv) arrays to write into (same
+    shapes as q, k, v; no broadcasting), or None.
     """
     p, w, scale_d = saved
     dq_out, dk_out, dv_out = out if out is not None else (None, None, None)
-    dq = dk = dv = None
+    dq = dk = dv = dbias = None
     if want_v:
         dv = xp.matmul(w, g, out=dv_out)                               # W^T g
-    if want_q or want_k:
+    if want_q or want_k or want_bias:
         dz = v @ g.swapaxes(-1, -2)                                    # dW^T (..., S, L)
         if scale_d is not None:
             dz *= scale_d                                              # dP^T
@@ -171,7 +180,9 @@ def _general_backward(xp, g, q, k, v, scale, saved, want_q, want_k, want_v, out=
         if want_k:
             dk = xp.matmul(dz, q, out=dk_out)
             dk *= scale
-    return dq, dk, dv
+        if want_bias:
+            dbias = xp.ascontiguousarray(dz.swapaxes(-1, -2))          # dS
+    return dq, dk, dv, dbias
 
 
 # ----------------------------------------------------------------------------- causal blocks

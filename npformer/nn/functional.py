@@ -67,6 +67,13 @@ def mask_array(mask, like: Tensor):
     return None if mask is None else constant("attention", mask, like, "mask is", "the inputs are")
 
 
+def mask_tensor(mask, like: Tensor):
+    """A mask as a Tensor on `like`'s device: a Tensor is kept, graph and all, so that a float mask
+    that requires grad gets its gradient; an array or nested list is wrapped. None stays None."""
+    data = mask_array(mask, like)
+    return mask if data is None or isinstance(mask, Tensor) else Tensor(data)
+
+
 def check_mask(where: str, name: str, mask, ok: bool, expected: str) -> None:
     """Raise unless `mask` is bool or floating (TypeError) and `ok` says its shape fits (ValueError)."""
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
@@ -97,7 +104,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     query: (..., L, E); key: (..., S, E); value: (..., S, Ev); batch axes broadcast.
     attn_mask: broadcastable to (..., L, S). Boolean: True = ATTEND, False = masked
         out (torch's SDPA polarity; nn.MultiheadAttention's is the opposite). Floating:
-        ADDED to the scores (use -inf to mask).
+        ADDED to the scores (use -inf to mask), an additive bias such as T5's relative
+        position bias or ALiBi's; a Tensor that requires grad gets its gradient, dL/dscores
+        summed over the axes it was broadcast along (ops.attention's `bias`).
     is_causal: mask with the top-left aligned lower triangle, query i seeing keys 0..i;
         cannot be combined with attn_mask.
     scale: defaults to 1 / sqrt(E).  dropout_p: dropout on the attention weights.
@@ -124,27 +133,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         return ops.attention(q, k, v, scale=scale, dropout_p=dropout_p, generator=generator, causal=True)
     if is_causal:
         attn_mask = causal_mask(L, S, q.xp)
-    mask = mask_array(attn_mask, q)
-    if mask is not None:
+    m = mask_tensor(attn_mask, q)
+    if m is not None:
         try:
             score_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (L, S)
         except ValueError:
             raise ValueError(f"{where}: batch axes of query {q.shape} and key {k.shape} cannot be "
                              f"broadcast together") from None
-        check_mask(where, "attn_mask", mask, _broadcasts_to(mask.shape, score_shape),
+        check_mask(where, "attn_mask", m, _broadcasts_to(m.shape, score_shape),
                    f"a shape broadcastable to the attention scores (..., L, S) = {score_shape}")
+    mask = m.data if m is not None and m.dtype == np.bool_ else None      # bool: True = attend
+    bias = m if m is not None and mask is None else None                  # float: added, a graph input
     if not need_weights:
-        return ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, generator=generator)
+        return ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, generator=generator, bias=bias)
     # The attention weights are wanted: compose the same computation from primitive ops.
     scores = ops.matmul(q, ops.transpose(k, -2, -1)) * scale          # (..., L, S)
     xp = scores.xp
+    if bias is not None:
+        scores = scores + ops.astype(bias, scores.dtype)
     if mask is not None:
-        if mask.dtype == np.bool_:
-            scores = ops.masked_fill(scores, ~mask, -np.inf)
-        else:
-            scores = scores + mask.astype(scores.dtype, copy=False)
+        scores = ops.masked_fill(scores, ~mask, -np.inf)
     # Rows with every score -inf would give 0/0 in softmax: give them zero weights instead.
-    dead = xp.all(scores.data == -np.inf, axis=-1, keepdims=True) if mask is not None else None
+    dead = xp.all(scores.data == -np.inf, axis=-1, keepdims=True) if m is not None else None
     if dead is not None and bool(dead.any()):
         weights = ops.masked_fill(ops.softmax(ops.masked_fill(scores, dead, 0.0), axis=-1), dead, 0.0)
     else:

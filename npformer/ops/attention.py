@@ -12,38 +12,47 @@ import math
 import numbers
 
 from .. import random
+from ..tensor import Tensor
 from ._core import constant, needs, register, result, shape_error, tensors, unbroadcast
+from .dtype import astype
 from .shape import reshape, split, transpose
 
 
 @register
 def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, generator=None,
-              causal: bool = False):
-    """out = W v with W = dropout(softmax(q k^T * scale + mask)), the softmax over the keys.
+              causal: bool = False, bias=None):
+    """out = W v with W = dropout(softmax(q k^T * scale + bias)), the softmax over the keys `mask` allows.
 
-    q: (..., L, E); k: (..., S, E); v: (..., S, Ev); batch axes broadcast. mask: None, a
-    bool array broadcastable to (..., L, S) with True = attend, or a float array that is
-    added to the scores. causal=True: the top-left aligned lower triangle (query i attends
-    keys 0..i); no other mask allowed. A row with no attended key gets all-zero weights,
-    hence zero output and zero gradients. Returns out (..., L, Ev).
+    q: (..., L, E); k: (..., S, E); v: (..., S, Ev); batch axes broadcast. bias: None or a
+    float Tensor (or array) broadcastable to (..., L, S), ADDED to the scores: an additive
+    mask (-inf masks), T5's relative position bias, ALiBi's distance penalties; it is an input
+    like q, k and v, with a gradient when it requires grad. mask: None or a bool array
+    broadcastable to (..., L, S), True = attend, never a gradient; a floating-point mask is
+    taken as `bias`. causal=True: the top-left aligned lower triangle (query i attends keys
+    0..i); it combines with a bias, not with a bool mask. A row with no attended key gets
+    all-zero weights, hence zero output and zero gradients. Returns out (..., L, Ev).
 
     The backward keeps P (the softmax) and D (the dropout scaling keep / (1 - p)), with
     W = P * D:
       dv = W^T g;  dW = g v^T;  dP = dW * D;  dS = P * (dP - sum(dP * P, -1));
-      dq = dS k * scale;  dk = dS^T q * scale.
+      dq = dS k * scale;  dk = dS^T q * scale;  dbias = dS;
+    each summed over the axes its input was broadcast along.
     """
     q, k, v = tensors("attention", q, k, v)
-    mask = check_attention(q, k, v, mask, causal)
+    mask, bias = check_attention(q, k, v, mask, bias, causal)
     xp = q.xp
     if causal:
         mask = xp.tri(q.shape[-2], k.shape[-2], dtype=bool)              # (L, S): query i sees keys 0..i
     S = q.data @ k.data.swapaxes(-1, -2) * scale                         # (..., L, S)
+    if bias is not None:
+        S = S + bias.data
     if mask is not None:
-        S = xp.where(mask, S, -xp.inf) if mask.dtype == bool else S + mask.astype(S.dtype, copy=False)
+        S = xp.where(mask, S, -xp.inf)
     P = masked_softmax(S, xp)                                            # (..., L, S)
     D = dropout_scale(P.shape, P.dtype, dropout_p, generator, q.device)  # (..., L, S) or None
     W = P if D is None else P * D
     out = W @ v.data                                                     # (..., L, Ev)
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
 
     def backward(g):
         dv = W.swapaxes(-1, -2) @ g
@@ -52,9 +61,8 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
         dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
         dq = dS @ k.data * scale
         dk = dS.swapaxes(-1, -2) @ q.data * scale
-        return (unbroadcast(dq, q.shape) if needs(q) else None, unbroadcast(dk, k.shape) if needs(k) else None,
-                unbroadcast(dv, v.shape) if needs(v) else None)
-    return result(out, (q, k, v), backward, "attention")
+        return input_grads(inputs, (dq, dk, dv, dS))                     # dbias = dS
+    return result(out, inputs, backward, "attention")
 
 
 @register
@@ -77,14 +85,53 @@ def self_attention(qkv, n_head: int, scale=None, causal: bool = False, dropout_p
 
 # ----------------------------------------------------------------------------- shared with npformer/fast
 
-def check_attention(q, k, v, mask, causal):
-    """Raise unless q (..., L, E), k (..., S, E), v (..., S, Ev) fit; return the mask as an array (or None)."""
+def check_attention(q, k, v, mask, bias, causal):
+    """Raise unless q (..., L, E), k (..., S, E), v (..., S, Ev), the mask and the bias fit.
+
+    Returns (mask, bias): the bool mask as an array, the bias as a Tensor in the scores' dtype
+    (cast with the astype op, so its gradient comes back in its own dtype), each or None. A
+    floating-point mask is taken as the bias; an integer one is refused.
+    """
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise shape_error("attention", q.shape, k.shape, v.shape,
                           why="(query (..., L, E), key (..., S, E), value (..., S, Ev)) do not fit together")
+    xp = q.xp
+    try:
+        scores = xp.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]) + (q.shape[-2], k.shape[-2])
+    except ValueError:
+        raise shape_error("attention", q.shape, k.shape, v.shape, why="have batch axes that do not broadcast") from None
+    if mask is not None:
+        data = constant("attention", mask, q, "mask is", "q is")
+        if data.dtype.kind == "f":
+            if bias is not None:
+                raise ValueError("attention: a floating-point mask is a bias (added to the scores); "
+                                 "pass it or bias=, not both")
+            mask, bias = None, mask
+        elif data.dtype == bool:
+            mask = data
+        else:
+            raise TypeError(f"attention: mask must be bool (True = attend) or floating point (added to the "
+                            f"scores); got dtype {data.dtype}")
     if causal and mask is not None:
         raise ValueError("attention: causal=True cannot be combined with a mask")
-    return None if mask is None else constant("attention", mask, q, "mask is", "q is")
+    if bias is not None:
+        data = constant("attention", bias, q, "bias is", "q is")
+        if data.dtype.kind != "f":
+            raise TypeError(f"attention: bias must be floating point; got dtype {data.dtype}")
+        bias = astype(bias if isinstance(bias, Tensor) else Tensor(data), xp.result_type(q.dtype, k.dtype))
+    for name, m in (("mask", mask), ("bias", bias)):
+        try:
+            if m is not None:
+                xp.broadcast_shapes(tuple(m.shape), scores)
+        except ValueError:
+            raise ValueError(f"attention: {name} of shape {tuple(m.shape)} does not broadcast with the scores "
+                             f"(..., L, S) = {scores}") from None
+    return mask, bias
+
+
+def input_grads(inputs, grads):
+    """Per input, its gradient summed over the axes it was broadcast along; None where none is wanted."""
+    return tuple(unbroadcast(d, t.shape) if needs(t) else None for t, d in zip(inputs, grads))
 
 
 def packed_heads(x, n_head, scale):
