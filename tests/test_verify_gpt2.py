@@ -15,7 +15,7 @@ import pytest
 
 from npformer.interop import from_torch, to_torch
 from npformer.models.gpt import GPT, GPTConfig
-from tests.torch_compare import Worst
+from tests.torch_compare import Worst, one_torch_thread
 from tests.helpers import DEVICE, T, host
 
 torch = pytest.importorskip("torch")
@@ -31,10 +31,8 @@ ACTIVATIONS = ["gelu_new", "gelu", "gelu_pytorch_tanh"]
 @pytest.fixture(scope="module", autouse=True)
 def report_worst():
     """One torch thread (tiny ops slow down badly when threads contend), then print the worst differences."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
     WORST.report()
 
 
@@ -161,7 +159,6 @@ def test_eval_mode_and_dropout_carry_over():
     (dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
     (dict(scale_attn_weights=False), "scale_attn_weights"),
     (dict(add_cross_attention=True), "add_cross_attention"),
-    (dict(tie_word_embeddings=False), "tie_word_embeddings"),
     (dict(activation_function="relu"), "activation_function"),
     (dict(n_inner=10), "n_inner"),
     (dict(attn_pdrop=0.2), "attn_pdrop"),
@@ -171,11 +168,24 @@ def test_unsupported_gpt2_options_raise_naming_them(overrides, option):
         from_torch(hf_model(0, **overrides))
 
 
-def test_untied_lm_head_and_bias_free_gpt_raise():
-    hf = hf_model(1)
-    hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
-    with pytest.raises(ValueError, match="tied"):
-        from_torch(hf)
+def test_untied_lm_head_becomes_tie_embeddings_false():
+    """An HF model whose lm_head has its own weight (tie_word_embeddings=False, or untied by hand) gives a
+    GPT with tie_embeddings=False that matches it; to_torch gives an untied HF model back, bit for bit."""
+    hf = hf_model(1, tie_word_embeddings=False)
+    assert hf.lm_head.weight is not hf.transformer.wte.weight
+    gpt = from_torch(hf)
+    assert not gpt.config.tie_embeddings and gpt.lm_head.weight is not gpt.transformer.wte.weight
+    compare("from_torch(HF untied)", hf, gpt, np.float64, seed=1)
+    back = to_torch(gpt)
+    assert not back.config.tie_word_embeddings and back.lm_head.weight is not back.transformer.wte.weight
+    assert_same_weights(back.state_dict(), hf.state_dict())
+    tied = hf_model(2)
+    tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())   # untied by hand
+    assert not from_torch(tied).config.tie_embeddings
+
+
+def test_bias_free_gpt_cannot_be_gpt2():
     gpt = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4, bias=False), device=DEVICE)
     with pytest.raises(ValueError, match="bias"):
-        to_torch(gpt)
+        to_torch(gpt, layout="hf")
+    assert type(to_torch(gpt)).__name__ == "TorchGPT"            # the default for a bias-free GPT

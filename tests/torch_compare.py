@@ -5,6 +5,8 @@ difference per (name, dtype); ``close`` asserts one comparison against a toleran
 it; ``report`` prints the table at the end of a module (call it from a module fixture).
 """
 
+import contextlib
+
 import numpy as np
 
 from tests.helpers import host
@@ -32,3 +34,22 @@ class Worst:
         for name in sorted(self.table):
             print(f"  {name:26s} " + "  ".join(f"{np.dtype(d).name}: {v:.2e}" for d, v in sorted(
                 self.table[name].items(), key=lambda kv: -np.dtype(kv[0]).itemsize)))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread while the block runs: tiny ops slow down badly when threads contend."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_worst(title: str, worst: dict) -> None:
+    """Print {name: {kind: worst relative difference}} under `title`."""
+    print(f"\n{title}")
+    for name, kinds in sorted(worst.items()):
+        print(f"  {name:44s} " + "  ".join(f"{k} {v:.1e}" for k, v in kinds.items()))

@@ -1,11 +1,19 @@
-"""Interop with PyTorch and HF transformers: twins of torch modules with their weights copied.
+"""Interop with PyTorch and HF transformers: twins of torch modules, weight mapping, and comparison.
 
     twin = from_torch(torch_module)      # npformer module computing what torch_module computes
     back = to_torch(twin)                # and back; weights survive the round trip bit for bit
+    compare(torch_module, twin, x).assert_close()       # outputs, gradients, optimizer steps, float64
+
+A twin built by hand, with other names or layouts, gets the torch weights through
+``load_torch_state_dict(twin, torch_module, rename=..., fuse_qkv=..., transpose=...)``, which
+remembers its TorchMapping on the twin for compare. See docs/verification.md.
 
 torch and transformers are imported only when these functions run.
 """
 
+from .comparison import Entry, Report, compare
+from .mapping import TorchMapping, load_torch_state_dict
 from .torch_interop import SUPPORTED, from_torch, to_torch
 
-__all__ = ["from_torch", "to_torch", "SUPPORTED"]
+__all__ = ["from_torch", "to_torch", "SUPPORTED", "compare", "Report", "Entry", "TorchMapping",
+           "load_torch_state_dict"]

@@ -2,9 +2,17 @@
 what the torch module m computes, with m's weights copied in; ``to_torch(m)`` does the reverse.
 
 Supported (torch.nn <-> npformer.nn; parameter names are identical, weights copied unchanged):
-    MultiheadAttention, TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder,
-    TransformerDecoder, Transformer, LayerNorm, Linear
-and transformers' GPT2LMHeadModel <-> npformer.models.GPT (see gpt2.py).
+    MultiheadAttention (add_bias_kv, add_zero_attn carried), TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder,
+    TransformerDecoder, Transformer, LayerNorm, Linear, Embedding (padding_idx carried),
+    Dropout, ReLU, GELU (approximate carried), Tanh, Identity,
+    and the containers Sequential and ModuleList, whose children are converted recursively;
+GPT models (see gpt2.py and gpt_like.py):
+    transformers' GPT2LMHeadModel              <-> npformer.models.GPT (Conv1D weights transposed)
+    transformers' GPT2ForSequenceClassification <-> SequenceClassifier(GPT, head_bias=False)
+    nanoGPT- and minGPT-style GPTs (recognised by structure and parameter names, whatever their
+        class) -> npformer.models.GPT; to_torch gives npformer's TorchGPT (torch_gpt.py) back.
+to_torch of a GPT: layout="hf" (GPT2LMHeadModel; needs biases) or "nanogpt" (TorchGPT, any GPT);
+by default the layout the GPT came from (from_torch), else "hf" when it has biases.
 
 Every constructor argument is read off the source module (d_model, nhead, dim_feedforward,
 dropout p, activation, layer_norm_eps, batch_first, norm_first, bias, the number of layers and
@@ -20,10 +28,11 @@ import numpy as np
 
 from .. import backend, random
 from .. import nn
-from . import gpt2
+from . import gpt2, gpt_like
 
 SUPPORTED = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
-             "TransformerDecoder", "Transformer", "LayerNorm", "Linear")
+             "TransformerDecoder", "Transformer", "LayerNorm", "Linear", "Embedding", "Dropout", "ReLU", "GELU",
+             "Tanh", "Identity", "Sequential", "ModuleList")
 
 
 def _import_torch():
@@ -46,7 +55,8 @@ def _kind(m, ns, where: str) -> str:
             return name
     cls = type(m)
     raise TypeError(f"{where}: {cls.__module__}.{cls.__qualname__} is not supported; supported: "
-                    f"{', '.join(SUPPORTED)} and transformers' GPT2LMHeadModel")
+                    f"{', '.join(SUPPORTED)}, transformers' {' and '.join(gpt2.HF_CLASSES)}, and nanoGPT/minGPT-"
+                    f"style GPTs")
 
 
 def _uniform(where: str, option: str, values):
@@ -80,14 +90,22 @@ def _activation(spec, ns):
 
 
 def _mha_args(m, where: str) -> dict:
-    """MultiheadAttention constructor arguments; add_bias_kv / add_zero_attn are not supported."""
-    if getattr(m, "bias_k", None) is not None or getattr(m, "bias_v", None) is not None:
-        raise ValueError(f"{where}: add_bias_kv=True is not supported")
-    if getattr(m, "add_zero_attn", False):
-        raise ValueError(f"{where}: add_zero_attn=True is not supported")
+    """MultiheadAttention constructor arguments, add_bias_kv / add_zero_attn / scale included
+    (torch's module has no scale attribute: None, the default 1 / sqrt(d_head))."""
+    add_bias_kv = _uniform(where, "add_bias_kv", [getattr(m, "bias_k", None) is not None,
+                                                  getattr(m, "bias_v", None) is not None])
     bias = _uniform(where, "bias", [m.in_proj_bias is not None, m.out_proj.bias is not None])
     return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=float(m.dropout), bias=bias, kdim=m.kdim,
-                vdim=m.vdim, batch_first=bool(m.batch_first))
+                vdim=m.vdim, batch_first=bool(m.batch_first), add_bias_kv=add_bias_kv,
+                add_zero_attn=bool(getattr(m, "add_zero_attn", False)), scale=getattr(m, "scale", None))
+
+
+def _embedding_padding(m, where: str):
+    """padding_idx of an Embedding; its other options (torch's max_norm, ...) are not supported."""
+    for option, plain in (("max_norm", None), ("scale_grad_by_freq", False), ("sparse", False)):
+        if getattr(m, option, plain) != plain:
+            raise ValueError(f"{where}: Embedding({option}={getattr(m, option)!r}) is not supported")
+    return m.padding_idx
 
 
 def _norm_args(m) -> dict:
@@ -102,6 +120,11 @@ def _layer_args(m, ns, where: str) -> dict:
     for name, a in attns:
         _kind(a, ns, f"{where}.{name}")
     specs = [_mha_args(a, f"{where}.{name}") for name, a in attns]
+    for (name, _), spec in zip(attns, specs):
+        for option, plain in (("add_bias_kv", False), ("add_zero_attn", False), ("scale", None)):
+            if spec[option] != plain:
+                raise ValueError(f"{where}.{name}: {option}={spec[option]!r} is not supported inside a "
+                                 f"{type(m).__name__} (torch's layers build their attention without it)")
     norms = [m.norm1, m.norm2] + ([m.norm3] if decoder else [])
     drops = [m.dropout, m.dropout1, m.dropout2] + ([m.dropout3] if decoder else [])
     linears = [m.linear1, m.linear2]
@@ -132,10 +155,28 @@ def _build(m, src, dst, fk: dict, gk: dict, where: str, expect=None):
     kind = _kind(m, src, where)
     if kind == "Linear":
         return dst.Linear(m.in_features, m.out_features, bias=m.bias is not None, **fk, **gk)
+    if kind == "Embedding":
+        return dst.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=_embedding_padding(m, where), **fk, **gk)
+    if kind == "Dropout":
+        return dst.Dropout(m.p)
+    if kind == "GELU":
+        return dst.GELU(approximate=m.approximate)
+    if kind in ("ReLU", "Tanh", "Identity"):
+        return getattr(dst, kind)()
+    if kind in ("Sequential", "ModuleList"):
+        names = list(m._modules)                     # both frameworks keep children in _modules, in order
+        if names != [str(i) for i in range(len(names))]:
+            raise ValueError(f"{where}: children named {names}; only 0, 1, 2, ... are supported")
+        children = [_build(c, src, dst, fk, gk, f"{where}.{i}") for i, c in enumerate(m._modules.values())]
+        return dst.Sequential(*children) if kind == "Sequential" else dst.ModuleList(children)
     if kind == "LayerNorm":
         return dst.LayerNorm(**_norm_args(m), **fk)
     if kind == "MultiheadAttention":
-        return dst.MultiheadAttention(**_mha_args(m, where), **fk, **gk)
+        args = _mha_args(m, where)
+        if dst is not nn and args.pop("scale") is not None:
+            raise ValueError(f"{where}: scale={m.scale!r} is not supported by torch.nn.MultiheadAttention (it "
+                             f"always scales by 1 / sqrt(head_dim))")
+        return dst.MultiheadAttention(**args, **fk, **gk)
     if kind in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
         args = _layer_args(m, src, where)
         args["activation"] = _activation(args["activation"], dst)
@@ -196,15 +237,22 @@ def _torch_dtype(torch, module, dtype):
 def from_torch(module, dtype=None, device: str = None):
     """The npformer twin of a torch module, with its weights copied.
 
-    module: one of SUPPORTED (torch.nn) or a transformers GPT2LMHeadModel (-> npformer GPT).
+    module: one of SUPPORTED (torch.nn), a transformers GPT2LMHeadModel (-> npformer GPT) or
+        GPT2ForSequenceClassification (-> SequenceClassifier), or a nanoGPT/minGPT-style GPT (-> GPT).
     dtype: np.float32 or np.float64; None keeps the module's own (float32 or float64).
     device: where the twin's weights live (NPFORMER_DEVICE when None).
     Raises TypeError for an unsupported module, ValueError for an unsupported option.
     """
     torch = _import_torch()
-    if gpt2.is_hf_gpt2(module):
-        return gpt2.gpt_from_hf(module, _np_dtype(torch, module, dtype, "from_torch"), device)
     where = type(module).__name__
+    hf = gpt2.hf_gpt2_kind(module)
+    if hf is not None or gpt_like.is_gpt_like(module):
+        np_dtype = _np_dtype(torch, module, dtype, where)
+        if hf == "GPT2LMHeadModel":
+            return gpt2.gpt_from_hf(module, np_dtype, device)
+        if hf == "GPT2ForSequenceClassification":
+            return gpt2.classifier_from_hf(module, np_dtype, device)
+        return gpt_like.gpt_from_torch(torch, module, np_dtype, device)
     np_dtype = _np_dtype(torch, module, dtype, where)
     dev = device or backend.default_device()
     twin = _build(module, torch.nn, nn, dict(dtype=np_dtype, device=dev),
@@ -214,16 +262,28 @@ def from_torch(module, dtype=None, device: str = None):
     return twin.train(module.training)
 
 
-def to_torch(module, dtype=None):
-    """The torch twin of an npformer module (one of SUPPORTED, or a GPT -> GPT2LMHeadModel).
+def to_torch(module, dtype=None, layout: str = None):
+    """The torch twin of an npformer module: one of SUPPORTED, a GPT, or a SequenceClassifier over a GPT.
 
     dtype: np.float32 or np.float64; None keeps the module's own. The twin is on torch's CPU.
+    layout (a GPT only): "hf" -> transformers' GPT2LMHeadModel (needs biases), "nanogpt" -> npformer's
+        TorchGPT (torch_gpt.py); None: the layout the GPT came from in from_torch, else "hf" when
+        config.bias, "nanogpt" without biases. A SequenceClassifier goes to GPT2ForSequenceClassification.
     torch's global random state is left as it was (the fresh weights are drawn in a fork of it).
     """
     torch = _import_torch()
+    from ..models.classifier import SequenceClassifier
     from ..models.gpt import GPT
     if isinstance(module, GPT):
-        return gpt2.gpt_to_hf(module, _torch_dtype(torch, module, dtype))
+        t_dtype = _torch_dtype(torch, module, dtype)
+        layout = layout or getattr(module, "torch_layout", None) or ("hf" if module.config.bias else "nanogpt")
+        if layout not in ("hf", "nanogpt"):
+            raise ValueError(f"to_torch: layout must be 'hf' or 'nanogpt'; got {layout!r}")
+        return gpt2.gpt_to_hf(module, t_dtype) if layout == "hf" else gpt_like.gpt_to_torch(module, t_dtype)
+    if layout is not None:
+        raise ValueError(f"to_torch: layout applies to a GPT only; got a {type(module).__name__}")
+    if isinstance(module, SequenceClassifier):
+        return gpt2.classifier_to_hf(module, _torch_dtype(torch, module, dtype))
     where = type(module).__name__
     t_dtype = _torch_dtype(torch, module, dtype)
     with torch.random.fork_rng(devices=[]):

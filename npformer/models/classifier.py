@@ -2,7 +2,7 @@
 
     h = backbone(idx)                       (B, T, C)  final hidden states
     z = pool(h, valid)                      (B, C)     last non-pad token, or mean over non-pad tokens
-    logits = W dropout(z) + b               (B, num_classes)
+    logits = W dropout(z) + b               (B, num_classes)   (no b with head_bias=False)
     loss = cross_entropy(logits, labels)    mean over the batch
 """
 
@@ -32,11 +32,12 @@ class SequenceClassifier(nn.Module):
     pad_id: the padding token, used when forward gets no pad_mask (default: a Seq2SeqTransformer's
         config.pad_id; None, i.e. no padding, for the others).
     dropout: on the pooled vector before the head. The head is built with the backbone's dtype and
-    device; generator draws its initial weights (nn.Linear's init).
+    device; generator draws its initial weights (nn.Linear's init). head_bias=False: a head without
+    bias (HF's GPT2ForSequenceClassification.score, say).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, pooling: str = None, pad_id: int = None,
-                 dropout: float = 0.0, generator=None):
+                 dropout: float = 0.0, generator=None, head_bias: bool = True):
         super().__init__()
         if isinstance(backbone, GPT):
             kind, d_model, default_pool = "gpt", backbone.config.n_embd, "last"
@@ -57,7 +58,8 @@ class SequenceClassifier(nn.Module):
         self.backbone = backbone
         w = backbone.parameters()[0]
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(d_model, num_classes, generator=generator, dtype=w.dtype, device=w.device)
+        self.head = nn.Linear(d_model, num_classes, bias=head_bias, generator=generator, dtype=w.dtype,
+                              device=w.device)
 
     def freeze_backbone(self) -> "SequenceClassifier":
         """Stop gradients into the backbone (a linear probe): only the head (and dropout) train."""

@@ -33,11 +33,14 @@ class GPTConfig:
     bias: bool = True
     gelu_approximate: str = "tanh"   # GPT-2's "gelu_new"; "none" for the exact erf form
     layer_norm_eps: float = 1e-5
+    tie_embeddings: bool = True      # lm_head.weight is transformer.wte.weight; False: lm_head has its own
 
     def __post_init__(self):
         require_positive_ints(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
         require_divisible(self, "n_embd", "n_head")
         require_dropout(self)
+        if not isinstance(self.tie_embeddings, (bool, np.bool_)):
+            raise ValueError(f"GPTConfig.tie_embeddings must be True or False; got {self.tie_embeddings!r}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh'; got {self.gelu_approximate!r}")
 
@@ -104,12 +107,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, cache: KVCache = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache = None, layer: int = 0, mask=None) -> Tensor:
+        """x: (B, T, C) -> (B, T, C). mask: None (causal), or (B, 1, T, past + T) bool, True = attend."""
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)                                               # (B, T, 3C)
         p = self.dropout if self.training else 0.0
-        if cache is None and ops.current() == "fast":
+        if cache is None and mask is None and ops.current() == "fast":
             # fast (npformer.ops.use("fast")): the split, heads, attention and merge below as one
             # op that reads the heads in place from qkv (docs/derivations.md#packed-self-attention)
             y = ops.self_attention(qkv, nh, causal=True, dropout_p=p)     # (B, T, C)
@@ -119,15 +123,17 @@ class CausalSelfAttention(nn.Module):
             q = q.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
             k = k.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
             v = v.reshape(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
-            if cache is None:
+            if cache is not None:
+                k_all, v_all = cache.append(layer, k.data, v.data)        # (B, nh, past + T, hs)
+                k, v = Tensor(k_all), Tensor(v_all)
+            if cache is None and mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)   # (B, nh, T, hs)
             else:
-                k_all, v_all = cache.append(layer, k.data, v.data)        # (B, nh, past + T, hs)
-                past = k_all.shape[2] - T
-                xp = x.xp
-                # query at absolute position past + i may see keys 0 .. past + i
-                mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
-                y = F.scaled_dot_product_attention(q, Tensor(k_all), Tensor(v_all), attn_mask=mask)
+                if mask is None:
+                    # query at absolute position past + i may see keys 0 .. past + i
+                    past, xp = k.shape[2] - T, x.xp
+                    mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             y = y.transpose(1, 2).reshape(B, T, C)                         # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -156,8 +162,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: Tensor, cache: KVCache = None, layer: int = 0, mask=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -174,7 +180,7 @@ class _Trunk(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only language model with tied input/output embeddings.
+    """Decoder-only language model; lm_head is tied to the token embedding (config.tie_embeddings).
 
     forward(idx (B, T) int, targets (B, T) int or None) -> (logits (B, T, V), loss or None).
     """
@@ -189,7 +195,8 @@ class GPT(nn.Module):
         with random.thread_default_generator(np.random.default_rng(0), "cpu"), default_dtype(resolve(dtype)):
             self.transformer = _Trunk(config)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight        # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight    # weight tying
         self._init_weights(generator)
         self.to(device=device or backend.default_device())
 
@@ -213,8 +220,13 @@ class GPT(nn.Module):
         n = super().num_parameters()
         return n - self.transformer.wpe.weight.size if non_embedding else n
 
-    def forward(self, idx, targets=None, cache: KVCache = None):
-        x = self.hidden_states(idx, cache)                                    # (B, T, C)
+    def forward(self, idx, targets=None, cache: KVCache = None, attention_mask=None, position_ids=None):
+        """idx: (B, T) token ids; targets: (B, T) ids aligned with the logits (-1 ignored).
+
+        attention_mask, position_ids: for left-padded batches, as HF's GPT-2 takes them (see
+        hidden_states). Returns (logits (B, T, V), mean cross-entropy over the targets or None).
+        """
+        x = self.hidden_states(idx, cache, attention_mask, position_ids)      # (B, T, C)
         B, T = x.shape[:2]
         logits = self.lm_head(x)                                              # (B, T, V)
         loss = None
@@ -223,21 +235,54 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(B * T, -1), t.reshape(B * T), ignore_index=-1)
         return logits, loss
 
-    def hidden_states(self, idx, cache: KVCache = None) -> Tensor:
-        """The trunk's output ln_f(blocks(wte(idx) + wpe(pos))): (B, T) int -> (B, T, C); no lm_head."""
+    def hidden_states(self, idx, cache: KVCache = None, attention_mask=None, position_ids=None) -> Tensor:
+        """The trunk's output ln_f(blocks(wte(idx) + wpe(pos))): (B, T) int -> (B, T, C); no lm_head.
+
+        attention_mask: (B, past + T), HF's convention: 1 (or True) = a real token, 0 = padding.
+            Padding keys are masked out of every query, on top of the causal mask. A query with no
+            key left (a pad position of a left-padded row) attends to nothing: its attention output
+            is zero, so its hidden state is finite but differs from HF's (which spreads such a row
+            evenly over all keys); the real positions agree. None: causal only (the fused path).
+        position_ids: (B, T) or (1, T) ints in [0, block_size), the positions fed to wpe
+            (default past .. past + T - 1); left padding passes HF's cumsum(attention_mask) - 1.
+        """
         idx = idx.data if isinstance(idx, Tensor) else idx
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
+        wte = self.transformer.wte.weight
+        if position_ids is None and past + T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {past + T} exceeds block_size {self.config.block_size}")
-        xp = backend.get_array_module(self.transformer.wte.weight.data)
-        if backend.device_of(idx) != backend.device_of(self.transformer.wte.weight.data):
+        xp = backend.get_array_module(wte.data)
+        if backend.device_of(idx) != backend.device_of(wte.data):
             raise backend.DeviceMismatchError(
-                f"GPT: idx is on {backend.device_of(idx)} but the model is on {backend.device_of(self.transformer.wte.weight.data)}")
-        pos = xp.arange(past, past + T)                                       # (T,)
+                f"GPT: idx is on {backend.device_of(idx)} but the model is on {backend.device_of(wte.data)}")
+        pos = xp.arange(past, past + T) if position_ids is None else self._positions(position_ids, B, T)
         tok_emb = self.transformer.wte(idx)                                   # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)                                   # (T, C)
+        pos_emb = self.transformer.wpe(pos)                                   # (T, C) or (B | 1, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)                          # (B, T, C)
+        mask = None if attention_mask is None else self._mask(attention_mask, B, T, past)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         return self.transformer.ln_f(x)                                       # (B, T, C)
+
+    def _positions(self, position_ids, B: int, T: int):
+        """position_ids as an int array (B | 1, T) on the model's device, range-checked."""
+        pos = F.mask_array(position_ids, self.transformer.wte.weight)
+        if pos.dtype.kind not in "iu" or pos.ndim != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
+            raise ValueError(f"GPT: position_ids must be integers of shape (B, T) = {(B, T)} or (1, T); got "
+                             f"{pos.dtype} {tuple(pos.shape)}")
+        if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size):
+            raise ValueError(f"GPT: position_ids must lie in [0, block_size) = [0, {self.config.block_size}); "
+                             f"got values from {int(pos.min())} to {int(pos.max())}")
+        return pos
+
+    def _mask(self, attention_mask, B: int, T: int, past: int):
+        """(B, 1, T, past + T) bool, True = attend: causal, and only keys where attention_mask is 1."""
+        am = F.mask_array(attention_mask, self.transformer.wte.weight)
+        S = past + T
+        if (am.dtype != np.bool_ and am.dtype.kind not in "iuf") or tuple(am.shape) != (B, S):
+            raise ValueError(f"GPT: attention_mask must be 1/0 (or bool) of shape (B, past + T) = {(B, S)}; "
+                             f"got {am.dtype} {tuple(am.shape)}")
+        xp = backend.get_array_module(am)
+        causal = xp.arange(S)[None, :] <= (past + xp.arange(T))[:, None]     # (T, S)
+        return causal[None, None] & (am != 0)[:, None, None, :]               # (B, 1, T, S)

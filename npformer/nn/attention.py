@@ -203,8 +203,10 @@ class MultiHeadAttention(Module):
         v = ops.transpose(ops.reshape(v, (B, S, H, d)), 1, 2)              # (B, H, S, d)
 
         p = self.dropout if self.training else 0.0
-        y, w = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale,
-                                              need_weights=True)
+        # one fused attention op unless the weights are wanted (then composed from primitive ops)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale,
+                                           need_weights=need_weights)
+        y, w = y if need_weights else (y, None)
         y = ops.reshape(ops.transpose(y, 1, 2), (B, L, E))                  # (B, L, E), heads side by side
         out = self.out_proj(y)
 

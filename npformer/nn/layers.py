@@ -8,10 +8,9 @@ changed, as torch), ``device``
 
 from __future__ import annotations
 
-import numpy as np
-
-from .. import backend
+from .. import backend, ops
 from ..dtypes import resolve
+from ..tensor import Tensor
 from . import functional as F
 from . import init
 from .module import Module, Parameter
@@ -49,20 +48,36 @@ class Linear(Module):
 class Embedding(Module):
     """A lookup table: integer indices (any shape) -> rows of weight (num_embeddings, embedding_dim).
 
-    weight is drawn from N(0, 1), as torch.nn.Embedding.
+    weight is drawn from N(0, 1), as torch.nn.Embedding. padding_idx (as torch): that row starts
+    at zero and never gets a gradient (its lookups are constants); negative counts from the end.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, generator=None, dtype=None, device=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int = None, generator=None,
+                 dtype=None, device=None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"Embedding: padding_idx must be in [-{num_embeddings}, {num_embeddings}); "
+                                 f"got {padding_idx}")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.weight = empty_parameter((num_embeddings, embedding_dim), dtype, device)
         init.normal_(self.weight, generator=generator)
+        if padding_idx is not None:
+            self.weight.data[padding_idx] = 0
 
     def forward(self, indices):
-        return F.embedding(indices, self.weight)
+        out = F.embedding(indices, self.weight)                            # (*indices.shape, D)
+        if self.padding_idx is None:
+            return out
+        # the padding row's lookups read a constant copy of it, so no gradient reaches that row
+        idx = indices.data if isinstance(indices, Tensor) else indices
+        pad = F.mask_array(idx, self.weight) == self.padding_idx             # indices.shape
+        return ops.where(pad[..., None], Tensor(self.weight.data[self.padding_idx]), out)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
 
 
 class LayerNorm(Module):
