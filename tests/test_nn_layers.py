@@ -157,6 +157,9 @@ def test_initialisers_fill_in_place_with_the_right_distribution():
     assert host(w).min() >= -2.0 and host(w).max() < -1.0
     assert (host(init.zeros_(w)) == 0).all() and (host(init.ones_(w)) == 1).all()
     assert (host(init.constant_(w, 0.5)) == 0.5).all()
+    assert init.xavier_normal_(w, gain=2.0, generator=g) is w
+    std = 2.0 * math.sqrt(2 / (200 + 300))
+    assert abs(host(w).mean()) < 0.01 * std * 10 and abs(host(w).std() - std) < 0.01 * std
     with pytest.raises(ValueError, match=r"at least 2 dimensions; got shape \(3,\)"):
         init.xavier_uniform_(nf.zeros(3))
 

@@ -20,7 +20,6 @@ attention output (and zero weights), never NaN.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
@@ -91,7 +90,7 @@ class MultiHeadAttention(Module):
             self.register_parameter("in_proj_weight", None)
         self.register_parameter("in_proj_bias", init.zeros_(empty_parameter((3 * E,), dtype, device)) if bias else None)
         for name in ("bias_k", "bias_v"):        # after in_proj_bias, before out_proj: torch's state_dict order
-            self.register_parameter(name, _xavier_normal_(empty_parameter((1, 1, E), dtype, device), generator)
+            self.register_parameter(name, init.xavier_normal_(empty_parameter((1, 1, E), dtype, device), generator=generator)
                                     if add_bias_kv else None)
         self.out_proj = Linear(E, E, bias=bias, generator=generator, dtype=dtype, device=device)
         if bias:
@@ -226,12 +225,6 @@ class MultiHeadAttention(Module):
                                                              ("add_zero_attn", self.add_zero_attn)) if on)
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
                 f"batch_first={self.batch_first}" + options + ("" if self.scale is None else f", scale={self.scale}"))
-
-
-def _xavier_normal_(p, generator):
-    """torch.nn.init.xavier_normal_: N(0, 2 / (fan_in + fan_out)); N(0, 1 / E) for bias_k (1, 1, E)."""
-    fan_in, fan_out = init.fan_in_and_fan_out(p)
-    return init.normal_(p, 0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
 
 
 MultiheadAttention = MultiHeadAttention   # torch's spelling

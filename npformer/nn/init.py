@@ -66,6 +66,12 @@ def xavier_uniform_(tensor: Tensor, gain: float = 1.0, generator=None) -> Tensor
     return uniform_(tensor, -a, a, generator=generator)
 
 
+def xavier_normal_(tensor: Tensor, gain: float = 1.0, generator=None) -> Tensor:
+    """Glorot: N(0, std^2) with std = gain * sqrt(2 / (fan_in + fan_out))."""
+    fan_in, fan_out = fan_in_and_fan_out(tensor)
+    return normal_(tensor, 0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
+
+
 def linear_default_(weight: Tensor, bias: Tensor | None = None, generator=None) -> None:
     """torch.nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight (out, in) and bias.
 
