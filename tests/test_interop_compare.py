@@ -9,7 +9,7 @@ import pytest
 
 import npformer as nf
 from npformer import nn
-from npformer.interop import compare, from_torch
+from npformer.interop import compare, from_torch, load_torch_state_dict
 from npformer.interop.comparison import KINDS, Report
 from tests.helpers import host
 from tests.torch_compare import one_torch_thread
@@ -242,3 +242,29 @@ def test_report_reads_as_a_table_and_as_data():
         report.assert_close(atol={"grads": 1.0})
     # per-kind tolerances: only the updated entries' atol changes
     assert report.failures(atol={"grad": 0.0}, rtol=0.0) and not report.failures(atol=1.0)
+
+
+def test_a_module_that_calls_its_submodules_through_a_closure():
+    """minGPT keeps `self.mlpf = lambda x: ...` over its own submodules: a deep copy of such a module
+    would still compute with the original's weights, so compare runs the caller's module itself
+    (in float64) and puts every parameter, gradient and dtype back afterwards."""
+    class Closure(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = torch.nn.Linear(3, 3), torch.nn.Tanh()
+            self.f = lambda x: self.act(self.lin(x))
+
+        def forward(self, x):
+            return self.f(x)
+
+    torch.manual_seed(0)
+    m = Closure()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with nf.default_dtype(np.float64):
+        twin = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    load_torch_state_dict(twin, m, rename={"lin": "0"}, cast=True)
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    report = compare(m, twin, x, steps=1, optimizer=ADAMW).assert_close()
+    assert {e.kind for e in report} >= {"output", "input_grad", "grad", "updated"}
+    assert all(torch.equal(m.state_dict()[k], v) and v.dtype == torch.float32 for k, v in before.items())
+    assert m.lin.weight.grad is None

@@ -27,6 +27,7 @@ identity (from_torch twins share torch's names).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -256,6 +257,33 @@ def _weights(kind, t_arrays, twin_arrays, mapping, twin_params) -> list:
     return out
 
 
+@contextlib.contextmanager
+def _borrowed_in_float64(module):
+    """The torch module itself, in float64 inside the block; every parameter, buffer and gradient
+    (values, dtypes and identities) is put back afterwards, whatever happens inside.
+
+    Not a deep copy: a module that holds its own submodules in a closure (minGPT's
+    ``self.mlpf = lambda x: ...``) would keep computing with the originals, not with the copy.
+    """
+    params = list(module.named_parameters(remove_duplicate=True))
+    # copies: .double() converts the gradients in place, and on a float64 module it changes nothing,
+    # so the steps would update the very arrays we keep
+    saved = [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone()) for _, p in params]
+    buffers = [(m, name, b.clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        module.double()
+        for _, p in params:
+            p.grad = None
+        yield module
+    finally:
+        for p, data, grad in saved:
+            p.grad = None                  # the float64 one, before the dtype goes back
+            p.data = data
+            p.grad = grad
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
 def compare(torch_module, twin, *inputs, kwargs: dict = None, loss=None, steps: int = 0, optimizer=None,
             mapping: TorchMapping = None, seed: int = 0) -> Report:
     """Run torch_module and its npformer twin in float64 on the same inputs; report every difference.
@@ -279,12 +307,15 @@ def compare(torch_module, twin, *inputs, kwargs: dict = None, loss=None, steps: 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"compare: steps must be an int >= 0; got {steps!r}")
     mapping = mapping or getattr(twin, "torch_mapping", None) or TorchMapping()
-    tm = copy.deepcopy(torch_module).double()
-    nm = copy.deepcopy(twin)
+    with _borrowed_in_float64(torch_module) as tm:
+        return _compare(torch, tm, copy.deepcopy(twin), inputs, kwargs, loss, steps, optimizer, mapping, seed,
+                        title_of=(type(torch_module).__name__, type(twin).__name__))
+
+
+def _compare(torch, tm, nm, inputs, kwargs, loss, steps, optimizer, mapping, seed, title_of) -> Report:
+    """compare's body, on the float64 torch module `tm` and the twin's float64 copy `nm`."""
     if any(a.dtype.kind == "f" and a.dtype != np.float64 for a in nm.state_dict().values()):
         nm.to(dtype=np.float64)
-    for p in tm.parameters():
-        p.grad = None
     nm.zero_grad()
     if any(m.training and (isinstance(m, torch.nn.Dropout) and m.p or
                            isinstance(m, torch.nn.MultiheadAttention) and m.dropout) for m in tm.modules()):
@@ -356,6 +387,6 @@ def compare(torch_module, twin, *inputs, kwargs: dict = None, loss=None, steps: 
         entries += _weights("updated", {n: _host(p) for n, p in t_params.items()},
                             {n: p.data for n, p in n_params.items()}, mapping, n_params)
     what = "sum(output * fixed random)" if losses[0] is None else "the given loss"
-    title = (f"compare {type(torch_module).__name__} (torch) with {type(twin).__name__} (npformer), float64, "
+    title = (f"compare {title_of[0]} (torch) with {title_of[1]} (npformer), float64, "
              f"loss {what}" + (f", {steps} optimizer step{'s' * (steps > 1)}" if steps else ""))
     return Report(sorted(entries, key=lambda e: KINDS.index(e.kind)), title)
