@@ -35,7 +35,9 @@ DEFAULT_PATHS = ["npformer/ops/*.py", "npformer/autograd.py", "npformer/optim/*.
 DEFAULT_TESTS = ["tests/test_ops_activations.py", "tests/test_ops_attention.py", "tests/test_ops_dtype.py",
                  "tests/test_ops_elementwise.py", "tests/test_ops_fused.py", "tests/test_ops_linalg.py",
                  "tests/test_ops_reduction.py", "tests/test_ops_shape.py", "tests/test_ops_registry.py",
-                 "tests/test_fast.py", "tests/test_grad_properties.py", "tests/test_autograd.py",
+                 "tests/test_fast.py", "tests/test_ops_core.py", "tests/test_ops_fused_errors.py",
+                 "tests/test_ops_attention_errors.py", "tests/test_attention_bias.py", "tests/test_backend.py",
+                 "tests/test_grad_properties.py", "tests/test_autograd.py",
                  "tests/test_autograd_inputs.py", "tests/test_tensor.py", "tests/test_gradcheck.py",
                  "tests/test_optim.py", "tests/test_optim_errors.py", "tests/test_optim_formulas.py",
                  "tests/test_optim_state.py"]

@@ -1,7 +1,8 @@
 """Property tests for the fused attention op: forward against a NumPy formula, float64
 gradcheck over drawn shapes, broadcast batch axes and masks (bool and additive), fully
-masked rows, dropout, float32 kept, and errors. Every test runs on the reference and on the
-fast path; the fast versions' blocks are tested in tests/test_fast.py."""
+masked rows, dropout (its draws, its generator, p = 0 and p = 1), the defaults, float32 kept.
+Every test runs on the reference and on the fast path; the fast versions' blocks are tested in
+tests/test_fast.py, the errors in tests/test_ops_attention_errors.py."""
 
 import math
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import npformer as nf
+from npformer.ops.attention import dropout_scale
 from tests.helpers import DEVICE, T, host
 from tests.strategies import arrays, assert_close, check_float32
 
@@ -84,31 +86,97 @@ def test_dropout_is_seeded_and_gradchecks():
     assert not np.allclose(host(fn(T(q), T(k), T(v))), reference(q, k, v))
 
 
+def test_the_defaults_are_scale_1_no_mask_no_bias_no_dropout_not_causal():
+    rng = np.random.default_rng(9)
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 2))
+    out = nf.attention(T(q), T(k), T(v))
+    assert_close(out, reference(q, k, v, scale=1.0))
+    spelled = nf.attention(T(q), T(k), T(v), None, scale=1.0, dropout_p=0.0, generator=None, causal=False, bias=None)
+    np.testing.assert_array_equal(host(out), host(spelled))
+
+
+def _dropped(q, k, v, p, u):
+    """The dropout reference: W = P * (u >= p) / (1 - p), out = W v, for the uniforms u (..., L, S)."""
+    s = q @ np.swapaxes(k, -1, -2)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True) * (u >= p) / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dropout_keeps_a_weight_where_the_generators_draw_in_the_scores_dtype_is_at_least_p(dtype):
+    """One seed, one mask: the uniforms come from `generator`, drawn in (..., L, S) order in the
+    scores' dtype (the fast path draws the same), each weight kept where u >= p, scaled by 1 / (1 - p)."""
+    rng = np.random.default_rng(10)
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((2, 3, 4), (2, 5, 4), (2, 5, 2)))
+    out = nf.attention(T(q), T(k), T(v), dropout_p=0.25, generator=nf.random.Generator(7, DEVICE))
+    u = host(nf.random.Generator(7, DEVICE).random((2, 3, 5), dtype=dtype))
+    assert out.dtype == dtype and 0 < (u >= 0.25).mean() < 1
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert_close(out, _dropped(q.astype(np.float64), k, v, 0.25, u), **tol)
+
+
+def test_dropout_scale_keeps_a_draw_equal_to_p_and_scales_by_1_over_1_minus_p():
+    """keep = (u >= p), so P(keep) = 1 - p exactly for u uniform in [0, 1); asked for in `dtype`."""
+    asked = []
+
+    class Draws:                      # a generator whose uniforms are chosen, not random
+        def random(self, shape, dtype):
+            asked.append((shape, dtype))
+            return np.array([0.0, 0.2, 0.25, 0.5, 0.9], dtype=dtype).reshape(shape)
+    D = dropout_scale((1, 5), np.float32, 0.25, Draws(), DEVICE)
+    assert asked == [((1, 5), np.float32)] and D.dtype == np.float32
+    np.testing.assert_array_equal(D, np.array([[0, 0, 4 / 3, 4 / 3, 4 / 3]], np.float32))
+    np.testing.assert_array_equal(dropout_scale((1, 5), np.float64, 1.0, Draws(), DEVICE), np.zeros((1, 5)))
+    assert dropout_scale((1, 5), np.float64, 0.0, None, DEVICE) is None and len(asked) == 2
+
+
+def test_dropout_without_a_generator_draws_from_the_device_s_global_one():
+    rng = np.random.default_rng(11)
+    q, k, v = (T(rng.standard_normal(s)) for s in ((3, 4), (5, 4), (5, 2)))
+    with nf.random.thread_default_generator(nf.random.Generator(7, DEVICE), DEVICE):
+        got = host(nf.attention(q, k, v, dropout_p=0.3))
+    want = host(nf.attention(q, k, v, dropout_p=0.3, generator=nf.random.Generator(7, DEVICE)))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_no_dropout_draws_nothing_from_the_generator():
+    """dropout_p = 0 (evaluation) leaves the generator where it was, so the draws after it do not shift."""
+    x = T(np.random.default_rng(12).standard_normal((3, 4)))
+    gen = nf.random.Generator(7, DEVICE)
+    nf.attention(x, x, x, dropout_p=0.0, generator=gen)
+    np.testing.assert_array_equal(host(gen.random((4,))), host(nf.random.Generator(7, DEVICE).random((4,))))
+
+
+def test_dropout_p_1_drops_every_weight():
+    """Zero output and zero gradients (not a division by 1 - p = 0)."""
+    rng = np.random.default_rng(13)
+    q, k, v = (T(rng.standard_normal(s), requires_grad=True) for s in ((3, 4), (5, 4), (5, 2)))
+    out = nf.attention(q, k, v, dropout_p=1.0, generator=nf.random.Generator(7, DEVICE))
+    out.backward(T(np.ones((3, 2))).data)
+    assert np.all(host(out) == 0) and all(np.all(host(t.grad) == 0) for t in (q, k, v))
+
+
 def test_float32_keeps_dtype():
     rng = np.random.default_rng(2)
     check_float32(nf.attention, rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)),
                   rng.standard_normal((2, 5, 3)))
 
 
-def test_bad_shapes_name_the_op_and_shapes():
-    with pytest.raises(ValueError) as info:
-        nf.attention(T(np.ones((3, 4))), T(np.ones((5, 3))), T(np.ones((5, 2))))
-    assert "attention" in str(info.value) and "(3, 4)" in str(info.value) and "(5, 3)" in str(info.value)
-
-
-@given(L=st.integers(1, 9), E=st.integers(1, 3), Ev=st.integers(1, 3),
+@given(L=st.integers(1, 9), S=st.integers(1, 9), E=st.integers(1, 3), Ev=st.integers(1, 3),
        batch=st.sampled_from([(), (2,), (2, 3)]), dtype=st.sampled_from([np.float64, np.float32]),
        data=st.data())
-def test_causal_matches_the_masked_computation_and_gradchecks(L, E, Ev, batch, dtype, data):
-    """causal=True: same output and gradients as the lower-triangle mask."""
-    _check_causal(L, E, Ev, batch, dtype, data)
+def test_causal_matches_the_masked_computation_and_gradchecks(L, S, E, Ev, batch, dtype, data):
+    """causal=True: same output and gradients as the top-left aligned lower triangle np.tri(L, S)
+    (query i sees keys 0..i), also when there are more or fewer keys than queries."""
+    _check_causal(L, S, E, Ev, batch, dtype, data)
 
 
-def _check_causal(L, E, Ev, batch, dtype, data):
-    q, k, v = (data.draw(arrays(batch + (L, n)), label=name) for name, n in (("q", E), ("k", E), ("v", Ev)))
+def _check_causal(L, S, E, Ev, batch, dtype, data):
+    q, k, v = (data.draw(arrays(batch + (n_rows, n)), label=name)
+               for name, n_rows, n in (("q", L, E), ("k", S, E), ("v", S, Ev)))
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     g = data.draw(arrays(batch + (L, Ev)), label="g").astype(dtype)
-    mask = T(np.tri(L, L, dtype=bool)).data
+    mask = T(np.tri(L, S, dtype=bool)).data
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
     results = []
     for kw in (dict(mask=mask), dict(causal=True)):
@@ -124,12 +192,6 @@ def _check_causal(L, E, Ev, batch, dtype, data):
         assert nf.gradcheck(lambda a, b, c: nf.attention(a, b, c, scale=0.7, causal=True), inputs)
 
 
-def test_causal_with_a_mask_is_refused():
-    x = T(np.ones((3, 2)))
-    with pytest.raises(ValueError, match="attention: causal=True cannot be combined with a mask"):
-        nf.attention(x, x, x, T(np.tri(3, 3, dtype=bool)).data, causal=True)
-
-
 # ----------------------------------------------------------------------------- self_attention
 
 def _split_heads_reference(x, n_head, **kw):
@@ -143,17 +205,18 @@ def _split_heads_reference(x, n_head, **kw):
 
 
 @given(T_=st.integers(1, 7), n_head=st.integers(1, 3), D=st.integers(1, 3),
-       batch=st.sampled_from([(), (2,), (2, 1)]), causal=st.booleans(),
+       batch=st.sampled_from([(), (2,), (2, 1)]), causal=st.booleans(), scale=st.sampled_from([None, 0.8]),
        dtype=st.sampled_from([np.float64, np.float32]), data=st.data())
-def test_self_attention_equals_the_split_heads_computation_and_gradchecks(T_, n_head, D, batch, causal,
+def test_self_attention_equals_the_split_heads_computation_and_gradchecks(T_, n_head, D, batch, causal, scale,
                                                                           dtype, data):
-    """Same output and gradient as split / reshape / transpose / attention / merge."""
+    """Same output and gradient as split / reshape / transpose / attention / merge, with the scale
+    given or left to its default 1 / sqrt(D)."""
+    kw = dict(causal=causal) if scale is None else dict(causal=causal, scale=scale)
     x = data.draw(arrays(batch + (T_, 3 * n_head * D)), label="qkv").astype(dtype)
     g = data.draw(arrays(batch + (T_, n_head * D)), label="g").astype(dtype)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
     results = []
-    for fn in (lambda t: _split_heads_reference(t, n_head, causal=causal),
-               lambda t: nf.self_attention(t, n_head, causal=causal)):
+    for fn in (lambda t: _split_heads_reference(t, n_head, **kw), lambda t: nf.self_attention(t, n_head, **kw)):
         t = T(x, requires_grad=True)
         out = fn(t)
         assert out.dtype == dtype and out.shape == batch + (T_, n_head * D)
@@ -186,11 +249,3 @@ def test_self_attention_default_scale_is_sdpa_s_and_numpy_ints_are_accepted():
     got = host(nf.self_attention(T(x), np.int64(2), causal=True))
     want = host(_split_heads_reference(T(x), 2, causal=True))
     np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("shape, n_head, words", [((4, 10), 2, "(4, 10)"), ((4, 12), 0, "n_head"),
-                                                  ((12,), 2, "(12,)"), ((4, 12), 2.0, "n_head")])
-def test_self_attention_bad_input_names_the_op(shape, n_head, words):
-    with pytest.raises(ValueError) as info:
-        nf.self_attention(T(np.ones(shape)), n_head)
-    assert "self_attention" in str(info.value) and words in str(info.value)

@@ -85,10 +85,8 @@ def test_binary_float32_keeps_dtype():
 @pytest.mark.parametrize("name", sorted(BINARY) + sorted(EXTREMA))
 def test_binary_shape_error_names_op_and_shapes(name):
     op = BINARY[name][0] if name in BINARY else EXTREMA[name][0]
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=rf"^{name}: shapes \(2, 3\) and \(4,\) cannot be broadcast together$"):
         op(T(np.ones((2, 3))), T(np.ones((4,))))
-    msg = str(info.value)
-    assert name in msg and "(2, 3)" in msg and "(4,)" in msg
 
 
 # ----------------------------------------------------------------------------- unary

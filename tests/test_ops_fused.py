@@ -44,8 +44,10 @@ def test_softmax_forward_and_grad(name, data):
 
 @pytest.mark.parametrize("name", sorted(SOFTMAXES))
 def test_softmax_huge_logits_stay_finite(name):
+    """Each row is shifted by its own max: the last row, 2e4 below the others, would underflow to
+    exp(-2e4) = 0 (0/0, log 0) if shifted by the array's max."""
     op, ref = SOFTMAXES[name]
-    a = np.array([[1e4, 0.0, -1e4], [1e4, 1e4, 1e4], [-1e4, -1e4, 1e4]])
+    a = np.array([[1e4, 0.0, -1e4], [1e4, 1e4, 1e4], [-1e4, -1e4, 1e4], [-1e4, -1e4, -1e4]])
     x = T(a, requires_grad=True)
     y = op(x, axis=-1)
     assert np.all(np.isfinite(host(y)))
@@ -55,11 +57,9 @@ def test_softmax_huge_logits_stay_finite(name):
 
 
 @pytest.mark.parametrize("name", sorted(SOFTMAXES))
-def test_softmax_float32_and_axis_error(name):
+def test_softmax_float32_keeps_dtype(name):
     op, _ = SOFTMAXES[name]
     check_float32(lambda t: op(t, axis=0), np.random.default_rng(6).standard_normal((3, 2)))
-    with pytest.raises(ValueError, match=f"{name}.*axis 2"):
-        op(T(np.ones((2, 3))), axis=2)
 
 
 # ----------------------------------------------------------------------------- cross_entropy
@@ -134,21 +134,51 @@ def test_cross_entropy_float32_keeps_dtype():
     check_float32(lambda t: nf.cross_entropy(t, T(np.array([[1, 0]]))), rng.standard_normal((1, 3, 2)))
 
 
-def test_cross_entropy_errors():
-    x = T(np.ones((3, 4)))
-    with pytest.raises(ValueError) as info:
-        nf.cross_entropy(x, T(np.array([0, 1, 2, 3])))                  # wrong target shape
-    assert all(s in str(info.value) for s in ("cross_entropy", "(3, 4)", "(4,)", "(3,)"))
-    with pytest.raises(TypeError, match="cross_entropy.*integer"):
-        nf.cross_entropy(x, T(np.array([0.0, 1.0, 2.0])))              # float targets
-    with pytest.raises(IndexError, match="cross_entropy.*target 4.*4 classes"):
-        nf.cross_entropy(x, T(np.array([0, 4, 1])))                    # class out of range
-    with pytest.raises(IndexError, match="cross_entropy.*target -3"):
-        nf.cross_entropy(x, T(np.array([0, -3, 1])))                   # negative, not ignore_index
-    with pytest.raises(ValueError, match="cross_entropy.*reduction"):
-        nf.cross_entropy(x, T(np.array([0, 1, 2])), reduction="avg")
-    with pytest.raises(ValueError, match="cross_entropy.*label_smoothing"):
-        nf.cross_entropy(x, T(np.array([0, 1, 2])), label_smoothing=1.5)
+def test_cross_entropy_defaults():
+    """ignore_index=-100, label_smoothing=0.0 and reduction="mean", as in torch."""
+    x = np.random.default_rng(20).standard_normal((4, 3))
+    target = np.array([2, -100, 0, 1])
+    expected = cross_entropy_ref(x, target, ignore_index=-100, label_smoothing=0.0, reduction="mean")
+    assert_close(nf.cross_entropy(T(x), T(target)), expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_1d_logits_take_a_0d_target(reduction):
+    """Logits (C,) and a 0-d target (as torch allows): the loss is -log softmax(x)[t], 0-d for every
+    reduction, and the gradient softmax(x) - onehot(t)."""
+    x = np.array([0.5, -1.0, 2.0, 0.0])
+    logits = T(x, requires_grad=True)
+    loss = nf.cross_entropy(logits, T(np.array(2)), reduction=reduction)
+    assert loss.shape == ()
+    assert_close(loss, -log_softmax_ref(x, 0)[2])
+    loss.backward()
+    assert_close(logits.grad, np.exp(log_softmax_ref(x, 0)) - np.eye(4)[2])
+    gradcheck_all(lambda t: nf.cross_entropy(t, T(np.array(1)), label_smoothing=0.3, reduction=reduction), x)
+
+
+def test_cross_entropy_label_smoothing_one_is_a_uniform_target():
+    """label_smoothing=1.0 is allowed (as in torch): q is uniform, each loss -mean_c log p_c whatever the target."""
+    x = np.random.default_rng(21).standard_normal((3, 4))
+    target = np.array([0, 3, 1])
+    assert_close(nf.cross_entropy(T(x), T(target), label_smoothing=1.0), -log_softmax_ref(x, 1).mean())
+    gradcheck_all(lambda t: nf.cross_entropy(t, T(target), label_smoothing=1.0), x)
+
+
+def test_cross_entropy_classes_masked_with_minus_inf_drop_out():
+    """A class whose logit is -inf (a vocabulary mask) has p = 0. Without label smoothing the loss and
+    the other classes' gradients are those of the logits without it, and its gradient is 0 (no nan
+    from 0 * -inf: the smoothing term is not formed at all)."""
+    x = np.random.default_rng(22).standard_normal((3, 5))
+    x[:, [1, 3]] = -np.inf
+    kept, target = [0, 2, 4], np.array([0, 4, 2])
+    small, small_target = x[:, kept], np.array([0, 2, 1])         # the same classes, renumbered
+    logits = T(x, requires_grad=True)
+    loss = nf.cross_entropy(logits, T(target))
+    assert_close(loss, cross_entropy_ref(small, small_target))
+    loss.backward()
+    grad = host(logits.grad)
+    np.testing.assert_array_equal(grad[:, [1, 3]], 0.0)
+    assert_close(grad[:, kept], (np.exp(log_softmax_ref(small, 1)) - np.eye(3)[small_target]) / 3)
 
 
 # ----------------------------------------------------------------------------- layer_norm
@@ -190,12 +220,11 @@ def test_layer_norm_float32_keeps_dtype():
     check_float32(lambda t: nf.layer_norm(t, 4), x)
 
 
-def test_layer_norm_errors():
-    with pytest.raises(ValueError) as info:
-        nf.layer_norm(T(np.ones((2, 3))), (4,))
-    assert all(s in str(info.value) for s in ("layer_norm", "(2, 3)", "(4,)"))
-    with pytest.raises(ValueError, match=r"layer_norm: weight.*\(2,\).*\(3,\)"):
-        nf.layer_norm(T(np.ones((2, 3))), 3, weight=T(np.ones(2)))
+def test_layer_norm_default_eps():
+    """eps defaults to 1e-5 (as in torch); the rows' variance, about 1e-4, is small enough for eps to show."""
+    x = np.random.default_rng(23).standard_normal((2, 5)) * 1e-2
+    xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    assert_close(nf.layer_norm(T(x), 5), xhat, rtol=1e-10, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -221,17 +250,8 @@ def test_embedding_repeated_rows_add_gradient():
     np.testing.assert_array_equal(host(w.grad), [[3.0, 3.0], [0.0, 0.0], [1.0, 1.0]])
 
 
-def test_embedding_float32_and_errors():
+def test_embedding_float32_keeps_dtype():
     check_float32(lambda w: nf.embedding(w, T(np.array([1, 1, 0]))), np.ones((2, 3)))
-    w = T(np.ones((5, 2)))
-    with pytest.raises(IndexError, match="embedding.*index 5.*5 rows"):
-        nf.embedding(w, T(np.array([0, 5])))
-    with pytest.raises(IndexError, match="embedding.*index -1"):
-        nf.embedding(w, T(np.array([-1, 0])))
-    with pytest.raises(TypeError, match="embedding.*integers"):
-        nf.embedding(w, T(np.array([0.0, 1.0])))
-    with pytest.raises(ValueError, match=r"embedding.*\(5,\)"):
-        nf.embedding(T(np.ones(5)), T(np.array([0])))
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -260,7 +280,7 @@ def test_dropout_keeps_about_1_minus_p():
     assert abs((out != 0).mean() - 0.7) < 0.02
 
 
-def test_dropout_identity_cases_and_errors():
+def test_dropout_identity_cases():
     a = np.array([[1.0, -2.0], [3.0, 4.0]])
     for kwargs in (dict(p=0.5, training=False), dict(p=0.0)):
         x = T(a, requires_grad=True)
@@ -273,9 +293,42 @@ def test_dropout_identity_cases_and_errors():
     y.sum().backward()
     np.testing.assert_array_equal(host(y), np.zeros_like(a))
     np.testing.assert_array_equal(host(x.grad), np.zeros_like(a))
-    with pytest.raises(ValueError, match="dropout.*p"):
-        nf.dropout(x, 1.5)
 
 
 def test_dropout_float32_keeps_dtype():
     check_float32(lambda t: nf.dropout(t, 0.5, generator=_gen(1)), np.ones((4, 3)))
+
+
+def test_dropout_default_p_is_one_half():
+    x = np.ones((4, 8))
+    np.testing.assert_array_equal(host(nf.dropout(T(x), generator=_gen(13))),
+                                  host(nf.dropout(T(x), 0.5, generator=_gen(13))))
+
+
+@pytest.mark.parametrize("dtype, draw", [(np.float64, np.float64), (np.float32, np.float32),
+                                         (np.float16, np.float64), (np.int64, np.float64)])
+def test_dropout_keeps_the_uniforms_at_or_above_p(dtype, draw):
+    """keep = u >= p, u the generator's uniforms drawn in the input's dtype (float64 for float16 and
+    integers, which generators cannot draw). p is set to one of the draws: that element is kept."""
+    shape = (4, 8)
+    u = host(_gen(11).random(shape, dtype=draw))
+    p = float(np.sort(u, axis=None)[u.size // 2])
+    x = np.arange(1, u.size + 1).reshape(shape).astype(dtype)
+    out = nf.dropout(T(x), p, generator=_gen(11))
+    assert out.dtype == (dtype if np.dtype(dtype).kind == "f" else np.float64)
+    keep = u >= p
+    assert keep.sum() == u.size // 2
+    np.testing.assert_array_equal(host(out) != 0, keep)
+    np.testing.assert_allclose(host(out)[keep], x[keep] / (1 - p), rtol=1e-3 if dtype == np.float16 else 1e-6)
+
+
+def test_dropout_without_generator_draws_from_the_global_one():
+    x = np.ones((4, 8))
+    with nf.random.thread_default_generator(_gen(12), device=DEVICE):
+        got = host(nf.dropout(T(x), 0.5))
+    np.testing.assert_array_equal(got, host(nf.dropout(T(x), 0.5, generator=_gen(12))))
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_dropout_records_dropout_as_grad_fn(p):
+    assert nf.dropout(T(np.ones((2, 3)), requires_grad=True), p, generator=_gen(0)).grad_fn == "dropout"

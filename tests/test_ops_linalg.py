@@ -1,6 +1,9 @@
 """Property tests for matmul (2-D, 1-D operands on either side, batched with broadcast batch axes)
 and linear (x @ weight^T + bias over any leading axes)."""
 
+import re
+import types
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -8,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import npformer as nf
+from npformer import backend
 from tests.helpers import T
 from tests.strategies import arrays, assert_close, check_float32, gradcheck_all
 
@@ -57,17 +61,16 @@ def test_matmul_float32_keeps_dtype(shapes):
 
 
 @pytest.mark.parametrize("shape_a, shape_b, why", [
-    ((2, 3), (4, 5), "not aligned"),
-    ((3,), (4,), "not aligned"),
-    ((2, 3), (2,), "not aligned"),
-    ((2, 2, 3), (3, 3, 4), "batch"),
-    ((), (3,), "at least 1 dimension"),
+    ((2, 3), (4, 5), "are not aligned (3 != 4)"),
+    ((3,), (4,), "are not aligned (3 != 4)"),
+    ((2, 3), (2,), "are not aligned (3 != 2)"),
+    ((2, 2, 3), (3, 3, 4), "have batch axes that cannot be broadcast together"),
+    ((), (3,), "are invalid: matmul needs operands with at least 1 dimension"),
+    ((3,), (), "are invalid: matmul needs operands with at least 1 dimension"),
 ])
 def test_matmul_bad_shapes_name_op_and_shapes(shape_a, shape_b, why):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=f"^{re.escape(f'matmul: shapes {shape_a} and {shape_b} {why}')}$"):
         nf.matmul(T(np.ones(shape_a)), T(np.ones(shape_b)))
-    msg = str(info.value)
-    assert "matmul" in msg and str(shape_a) in msg and str(shape_b) in msg and why in msg
 
 
 @given(lead=hnp.array_shapes(min_dims=0, max_dims=3, max_side=3), n_in=st.integers(1, 3),
@@ -87,11 +90,36 @@ def test_linear_float32_keeps_dtype():
     check_float32(nf.linear, rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5))
 
 
-@pytest.mark.parametrize("shape_x, shape_w, shape_b", [((2, 3), (4, 2), None), ((2, 3), (4, 3), (3,)),
-                                                        ((3,), (3,), None)])
-def test_linear_bad_shapes_name_op_and_shapes(shape_x, shape_w, shape_b):
+MISFIT = "linear: input of shape {} does not match weight of shape {} " \
+         "(expected input (..., in) and weight (out, in), here input (..., {}))"
+
+
+@pytest.mark.parametrize("shape_x, shape_w, shape_b, message", [
+    ((2, 3), (4, 2), None, MISFIT.format((2, 3), (4, 2), 2)),
+    ((), (4, 3), None, MISFIT.format((), (4, 3), 3)),
+    ((3,), (3,), None, MISFIT.format((3,), (3,), 3)),
+    ((3,), (), None, MISFIT.format((3,), (), "?")),          # a 0-d weight has no "in"
+    ((2, 3), (4, 3), (3,), "linear: shapes (4, 3) and (3,) (weight, bias) do not fit: bias must be (out,)"),
+    ((2, 3), (4, 3), (1, 4), "linear: shapes (4, 3) and (1, 4) (weight, bias) do not fit: bias must be (out,)"),
+])
+def test_linear_bad_shapes_name_op_and_shapes(shape_x, shape_w, shape_b, message):
     args = [T(np.ones(shape_x)), T(np.ones(shape_w))] + ([T(np.ones(shape_b))] if shape_b else [])
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         nf.linear(*args)
-    msg = str(info.value)
-    assert "linear" in msg and (str(shape_w) in msg)
+
+
+class _FakeGpuArray(np.ndarray):
+    """A NumPy array the backend is told to treat as a GPU array (as in tests/test_backend.py)."""
+
+
+def test_device_mismatch_names_the_op_and_the_operands(monkeypatch):
+    """The device checks run on the CPU with a NumPy array posing as a GPU one (host arrays, not T(...))."""
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace(ndarray=_FakeGpuArray))
+    x, on_gpu = nf.Tensor(np.ones((2, 3))), nf.Tensor(np.ones((3, 2)).view(_FakeGpuArray))
+    message = "{}: inputs are on different devices ({}); move them with .to(device) first"
+    with pytest.raises(backend.DeviceMismatchError,
+                       match=f"^{re.escape(message.format('matmul', '(2, 3) on cpu, (3, 2) on gpu'))}$"):
+        nf.matmul(x, on_gpu)
+    with pytest.raises(backend.DeviceMismatchError,
+                       match=f"^{re.escape(message.format('linear', '(2, 3) on cpu, (2, 3) on cpu, (2,) on gpu'))}$"):
+        nf.linear(x, nf.Tensor(np.ones((2, 3))), nf.Tensor(np.ones(2).view(_FakeGpuArray)))

@@ -43,8 +43,11 @@ def test_declared_names_are_ops_and_declared_once():
 
 
 def test_declaring_modules_gradcheck_what_they_declare():
-    """A module that declares an op calls gradcheck and calls that op (as nf.<op>)."""
+    """A module that declares an op calls gradcheck and calls that op (as nf.<op>). A module that
+    checks no op's gradient (errors only, or the shared machinery) declares COVERED_OPS = set()."""
     for module, names in _declared().items():
+        if not names:
+            continue
         source = (HERE / f"{module}.py").read_text()
         assert "gradcheck" in source, f"tests/{module}.py declares ops but never runs gradcheck"
         uncalled = sorted(n for n in names if not re.search(rf"\bnf\.{n}\b", source))

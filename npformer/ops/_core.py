@@ -133,13 +133,15 @@ def needs(t: Tensor) -> bool:
 
 
 def tensors(name: str, *values):
-    """Coerce op inputs to Tensors on one device, wrapping Python numbers like the first tensor.
+    """Coerce op inputs to Tensors on one device, wrapping Python numbers like the first tensor
+    (or, when no input is a Tensor, like the first array, so that ``add(2, x32)`` stays on x32's
+    device and float32).
 
     Raises DeviceMismatchError naming the op and the devices when they differ.
     """
     like = next((v for v in values if isinstance(v, Tensor)), None)
     if like is None:
-        like = Tensor(backend.get_array_module().asarray(values[0]))
+        like = Tensor(next((v for v in values if backend.is_array(v)), values[0]))
     out = tuple(as_tensor_like(v, like) for v in values)
     dev = out[0].device
     for t in out[1:]:

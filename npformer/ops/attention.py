@@ -30,7 +30,9 @@ def attention(q, k, v, mask=None, scale: float = 1.0, dropout_p: float = 0.0, ge
     broadcastable to (..., L, S), True = attend, never a gradient; a floating-point mask is
     taken as `bias`. causal=True: the top-left aligned lower triangle (query i attends keys
     0..i); it combines with a bias, not with a bool mask. A row with no attended key gets
-    all-zero weights, hence zero output and zero gradients. Returns out (..., L, Ev).
+    all-zero weights, hence zero output and zero gradients. dropout_p in [0, 1] drops each weight
+    with that probability (generator: where the draws come from; the device's global one when
+    None). Returns out (..., L, Ev).
 
     The backward keeps P (the softmax) and D (the dropout scaling keep / (1 - p)), with
     W = P * D:
@@ -159,10 +161,15 @@ def masked_softmax(S, xp):
 
 
 def dropout_scale(shape, dtype, p, generator, device):
-    """D (shape) = keep / (1 - p), keep drawn with probability 1 - p per element; None when p = 0."""
+    """D (shape) = keep / (1 - p), keep = (u >= p) for u uniform in [0, 1) drawn in `dtype`, so each
+    element is kept with probability 1 - p; all zeros when p = 1; None (nothing drawn) when p = 0.
+    Raises unless 0 <= p <= 1."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1]; got {p}")
     if p == 0.0:
         return None
     rng = generator if generator is not None else random.default_generator(device)
     D = (rng.random(shape, dtype=dtype) >= p).astype(dtype)
-    D *= 1.0 / (1.0 - p)
+    if p < 1.0:                                                          # p = 1: nothing kept, D = 0
+        D *= 1.0 / (1.0 - p)
     return D

@@ -75,9 +75,10 @@ def cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: flo
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1]; got {label_smoothing}")
-    expected = x.shape[1:] if x.ndim == 1 else (x.shape[:1] + x.shape[2:])
-    expected = () if x.ndim == 1 else expected
-    if x.ndim == 0 or tuple(t.shape) != tuple(expected):
+    if x.ndim == 0:
+        raise ValueError("cross_entropy: logits must be (C,), (N, C) or (N, C, d1, ...); got a 0-d tensor")
+    expected = () if x.ndim == 1 else x.shape[:1] + x.shape[2:]
+    if tuple(t.shape) != tuple(expected):
         raise ValueError(f"cross_entropy: logits of shape {x.shape} need target of shape {expected} "
                          f"(classes on axis 1); got target of shape {tuple(t.shape)}")
 
@@ -231,13 +232,14 @@ def dropout(a, p: float = 0.5, training: bool = True, generator=None):
     if not training or p == 0.0:
         return a
     if p == 1.0:
-        return mul_const(a, a.xp.zeros((), dtype=a.dtype))
+        return mul_const(a, a.xp.zeros((), dtype=a.dtype), name="dropout")
     rng = generator if generator is not None else random.default_generator(a.device)
-    keep = rng.random(a.shape, dtype=a.dtype if a.dtype.kind == "f" else None) >= p
+    # uniforms in float32 for a float32 input; float64 for the rest (generators cannot draw float16)
+    keep = rng.random(a.shape, dtype="float32" if a.dtype == "float32" else "float64") >= p
     scale = keep.astype(a.dtype) * (1.0 / (1.0 - p))
     return mul_const(a, scale, name="dropout")
 
 
-def mul_const(a, c, name="mul_const"):
+def mul_const(a, c, name: str):
     """a * c for a constant array c of broadcastable shape (no gradient to c)."""
     return result(a.data * c, (a,), lambda g: (g * c,), name)

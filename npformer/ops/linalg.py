@@ -86,7 +86,7 @@ def check_linear(x, weight, bias):
     ts = tensors("linear", *((x, weight) if bias is None else (x, weight, bias)))
     x, w = ts[0], ts[1]
     b = ts[2] if bias is not None else None
-    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[-1]:
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
         n_in = w.shape[-1] if w.ndim else "?"
         raise ValueError(f"linear: input of shape {x.shape} does not match weight of shape {w.shape} "
                          f"(expected input (..., in) and weight (out, in), here input (..., {n_in}))")

@@ -83,7 +83,7 @@ def _selects_once(idx) -> bool:
 def _index_item(a, i):
     """One entry of an index, with Tensors and lists turned into arrays on a's device."""
     if isinstance(i, (Tensor, list)) or backend.is_array(i):
-        return constant("getitem", i, a, "index is", "the tensor is")
+        return constant("getitem", i, a, "index is")
     return i
 
 
