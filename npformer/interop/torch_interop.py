@@ -11,6 +11,9 @@ GPT models (see gpt2.py and gpt_like.py):
     transformers' GPT2ForSequenceClassification <-> SequenceClassifier(GPT, head_bias=False)
     nanoGPT- and minGPT-style GPTs (recognised by structure and parameter names, whatever their
         class) -> npformer.models.GPT; to_torch gives npformer's TorchGPT (torch_gpt.py) back.
+BERT (see bert.py; HF's parameter names, weights copied by name):
+    transformers' BertModel, BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering
+        <-> npformer.models' classes of the same names
 to_torch of a GPT: layout="hf" (GPT2LMHeadModel; needs biases) or "nanogpt" (TorchGPT, any GPT);
 by default the layout the GPT came from (from_torch), else "hf" when it has biases.
 
@@ -28,7 +31,7 @@ import numpy as np
 
 from .. import backend, random
 from .. import nn
-from . import gpt2, gpt_like
+from . import bert, gpt2, gpt_like
 
 SUPPORTED = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
              "TransformerDecoder", "Transformer", "LayerNorm", "Linear", "Embedding", "Dropout", "ReLU", "GELU",
@@ -238,13 +241,17 @@ def from_torch(module, dtype=None, device: str = None):
     """The npformer twin of a torch module, with its weights copied.
 
     module: one of SUPPORTED (torch.nn), a transformers GPT2LMHeadModel (-> npformer GPT) or
-        GPT2ForSequenceClassification (-> SequenceClassifier), or a nanoGPT/minGPT-style GPT (-> GPT).
+        GPT2ForSequenceClassification (-> SequenceClassifier), a nanoGPT/minGPT-style GPT (-> GPT), or
+        a transformers BertModel, BertForMaskedLM, BertForSequenceClassification or
+        BertForQuestionAnswering (-> the npformer.models class of the same name).
     dtype: np.float32 or np.float64; None keeps the module's own (float32 or float64).
     device: where the twin's weights live (NPFORMER_DEVICE when None).
     Raises TypeError for an unsupported module, ValueError for an unsupported option.
     """
     torch = _import_torch()
     where = type(module).__name__
+    if bert.hf_bert_kind(module) is not None:
+        return bert.bert_from_hf(module, _np_dtype(torch, module, dtype, where), device)
     hf = gpt2.hf_gpt2_kind(module)
     if hf is not None or gpt_like.is_gpt_like(module):
         np_dtype = _np_dtype(torch, module, dtype, where)
@@ -263,7 +270,8 @@ def from_torch(module, dtype=None, device: str = None):
 
 
 def to_torch(module, dtype=None, layout: str = None):
-    """The torch twin of an npformer module: one of SUPPORTED, a GPT, or a SequenceClassifier over a GPT.
+    """The torch twin of an npformer module: one of SUPPORTED, a GPT, a SequenceClassifier over a GPT,
+    or a BERT model (-> the transformers class of the same name).
 
     dtype: np.float32 or np.float64; None keeps the module's own. The twin is on torch's CPU.
     layout (a GPT only): "hf" -> transformers' GPT2LMHeadModel (needs biases), "nanogpt" -> npformer's
@@ -284,6 +292,8 @@ def to_torch(module, dtype=None, layout: str = None):
         raise ValueError(f"to_torch: layout applies to a GPT only; got a {type(module).__name__}")
     if isinstance(module, SequenceClassifier):
         return gpt2.classifier_to_hf(module, _torch_dtype(torch, module, dtype))
+    if bert.is_bert(module):
+        return bert.bert_to_hf(module, _torch_dtype(torch, module, dtype))
     where = type(module).__name__
     t_dtype = _torch_dtype(torch, module, dtype)
     with torch.random.fork_rng(devices=[]):

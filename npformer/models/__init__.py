@@ -1,9 +1,14 @@
-"""Models built from npformer.nn: a GPT language model, the encoder-decoder Transformer, and a
-sequence classifier over either."""
+"""Models built from npformer.nn: a GPT language model, BERT and its task heads, the encoder-decoder
+Transformer, and a sequence classifier over either."""
 
+from .bert import BaseModelOutputWithPooling, BertConfig, BertModel
+from .bert_heads import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, MaskedLMOutput,
+                         QuestionAnsweringModelOutput, SequenceClassifierOutput)
 from .classifier import SequenceClassifier
 from .gpt import GPT, GPTConfig, KVCache
 from .seq2seq import DecoderKVCache, Seq2SeqConfig, Seq2SeqTransformer
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "Seq2SeqTransformer", "Seq2SeqConfig", "DecoderKVCache",
-           "SequenceClassifier"]
+           "SequenceClassifier", "BertConfig", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
+           "BertForQuestionAnswering", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
+           "QuestionAnsweringModelOutput"]
