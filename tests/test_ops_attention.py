@@ -249,3 +249,14 @@ def test_self_attention_default_scale_is_sdpa_s_and_numpy_ints_are_accepted():
     got = host(nf.self_attention(T(x), np.int64(2), causal=True))
     want = host(_split_heads_reference(T(x), 2, causal=True))
     np.testing.assert_array_equal(got, want)
+
+
+
+def test_dropout_in_float16_draws_float64_uniforms():
+    """Generators draw float32 or float64 only: float16 scores take their keep mask from float64 draws."""
+    D = dropout_scale((3, 5), np.float16, 0.5, nf.random.Generator(1, DEVICE), DEVICE)
+    u = host(nf.random.Generator(1, DEVICE).random((3, 5), dtype=np.float64))
+    assert D.dtype == np.float16
+    np.testing.assert_array_equal(host(D), (u >= 0.5) * 2.0)
+    q = T(np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float16))
+    assert nf.attention(q, q, q, dropout_p=0.5, generator=nf.random.Generator(1, DEVICE)).dtype == np.float16

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from .. import random
 from ..tensor import Tensor
 from ._core import constant, needs, register, result, shape_error, tensors, unbroadcast
@@ -161,7 +163,7 @@ def masked_softmax(S, xp):
 
 
 def dropout_scale(shape, dtype, p, generator, device):
-    """D (shape) = keep / (1 - p), keep = (u >= p) for u uniform in [0, 1) drawn in `dtype`, so each
+    """D (shape) = keep / (1 - p), keep = (u >= p) for u uniform in [0, 1) drawn in `dtype` (float64 for float16), so each
     element is kept with probability 1 - p; all zeros when p = 1; None (nothing drawn) when p = 0.
     Raises unless 0 <= p <= 1."""
     if not 0.0 <= p <= 1.0:
@@ -169,7 +171,8 @@ def dropout_scale(shape, dtype, p, generator, device):
     if p == 0.0:
         return None
     rng = generator if generator is not None else random.default_generator(device)
-    D = (rng.random(shape, dtype=dtype) >= p).astype(dtype)
+    draw = dtype if np.dtype(dtype) == np.float32 else np.float64        # generators draw only these two
+    D = (rng.random(shape, dtype=draw) >= p).astype(dtype)
     if p < 1.0:                                                          # p = 1: nothing kept, D = 0
         D *= 1.0 / (1.0 - p)
     return D
