@@ -152,11 +152,12 @@ class BertSelfAttention(nn.Module):
 
 
 class BertSelfOutput(nn.Module):
-    """LayerNorm(input_tensor + dropout(dense(hidden_states))): the attention sublayer's post-norm residual."""
+    """LayerNorm(input_tensor + dropout(dense(hidden_states))): the attention sublayer's post-norm residual,
+    (B, T, in_features) -> (B, T, H); in_features is H here, I in BertOutput."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, in_features: int = None):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -188,17 +189,11 @@ class BertIntermediate(nn.Module):
         return ACT2FN[self.hidden_act](self.dense(hidden_states))
 
 
-class BertOutput(nn.Module):
-    """LayerNorm(input_tensor + dropout(dense(hidden_states))): (B, T, I) -> (B, T, H)."""
+class BertOutput(BertSelfOutput):
+    """The feed-forward sublayer's post-norm residual: the same computation, (B, T, I) -> (B, T, H)."""
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config, config.intermediate_size)
 
 
 class BertLayer(nn.Module):
