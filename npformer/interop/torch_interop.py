@@ -58,7 +58,7 @@ def _kind(m, ns, where: str) -> str:
             return name
     cls = type(m)
     raise TypeError(f"{where}: {cls.__module__}.{cls.__qualname__} is not supported; supported: "
-                    f"{', '.join(SUPPORTED)}, transformers' {' and '.join(gpt2.HF_CLASSES)}, and nanoGPT/minGPT-"
+                    f"{', '.join(SUPPORTED)}, transformers' {', '.join(gpt2.HF_CLASSES + bert.HF_CLASSES)}, and nanoGPT/minGPT-"
                     f"style GPTs")
 
 
