@@ -8,12 +8,17 @@ A twin built by hand, with other names or layouts, gets the torch weights throug
 ``load_torch_state_dict(twin, torch_module, rename=..., fuse_qkv=..., transpose=...)``, which
 remembers its TorchMapping on the twin for compare. See docs/verification.md.
 
+HF checkpoint directories (config.json + model.safetensors), without torch:
+``from_pretrained(path, dtype=None, with_tokenizer=False)`` and ``save_pretrained(model, path)``
+(npformer/interop/pretrained.py; needs safetensors: ``pip install 'npformer[hf]'``).
+
 torch and transformers are imported only when these functions run.
 """
 
 from .comparison import Entry, Report, compare
 from .mapping import TorchMapping, load_torch_state_dict
+from .pretrained import from_pretrained, save_pretrained
 from .torch_interop import SUPPORTED, from_torch, to_torch
 
 __all__ = ["from_torch", "to_torch", "SUPPORTED", "compare", "Report", "Entry", "TorchMapping",
-           "load_torch_state_dict"]
+           "load_torch_state_dict", "from_pretrained", "save_pretrained"]
