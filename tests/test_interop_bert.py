@@ -12,6 +12,7 @@ import pytest
 from npformer import models
 from npformer.interop import compare, from_torch, to_torch
 from tests.helpers import T, host
+from tests.test_models_bert import batch
 from tests.torch_compare import one_torch_thread, print_worst
 
 torch = pytest.importorskip("torch")
@@ -43,15 +44,6 @@ def hf_bert(cls, seed, attn="eager", **overrides):
     return model
 
 
-def batch(seed, B=3, Tn=6):
-    """(input_ids, attention_mask, token_type_ids): rows of 6, 4 and 2 real tokens, right-padded with 0,
-    segment B from position 3 on."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 13, (B, Tn))
-    mask = (np.arange(Tn)[None, :] < np.array([6, 4, 2])[:B, None]).astype(np.int64)
-    ids[mask == 0] = 0
-    types = (np.arange(Tn)[None, :] >= 3).astype(np.int64) * mask
-    return ids, mask, types
 
 
 def check(name, hf, twin, ids, **kwargs):

@@ -28,7 +28,8 @@ def tiny(cls=BertModel, seed=0, scale=0.3, **overrides):
 
 
 def batch(seed=0, B=3, Tn=6):
-    """(input_ids, attention_mask, token_type_ids): rows of 6, 4 and 2 real tokens, right-padded with 0."""
+    """(input_ids, attention_mask, token_type_ids): rows of 6, 4 and 2 real tokens, right-padded with 0,
+    segment B from position 3 on."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 13, (B, Tn))
     mask = (np.arange(Tn)[None, :] < np.array([6, 4, 2])[:B, None]).astype(np.int64)
