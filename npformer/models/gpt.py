@@ -95,6 +95,11 @@ class KVCache:
         return buf[2], buf[3]
 
 
+def causal_after(T: int, past: int, xp):
+    """(T, past + T) bool, True = attend: the query at absolute position past + i sees keys 0 .. past + i."""
+    return xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention with one fused q/k/v projection (c_attn)."""
 
@@ -130,9 +135,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)   # (B, nh, T, hs)
             else:
                 if mask is None:
-                    # query at absolute position past + i may see keys 0 .. past + i
-                    past, xp = k.shape[2] - T, x.xp
-                    mask = xp.arange(past + T)[None, :] <= (past + xp.arange(T))[:, None]   # (T, past + T)
+                    mask = causal_after(T, k.shape[2] - T, x.xp)                # (T, past + T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             y = y.transpose(1, 2).reshape(B, T, C)                         # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -284,5 +287,4 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: attention_mask must be 1/0 (or bool) of shape (B, past + T) = {(B, S)}; "
                              f"got {am.dtype} {tuple(am.shape)}")
         xp = backend.get_array_module(am)
-        causal = xp.arange(S)[None, :] <= (past + xp.arange(T))[:, None]     # (T, S)
-        return causal[None, None] & (am != 0)[:, None, None, :]               # (B, 1, T, S)
+        return causal_after(T, past, xp)[None, None] & (am != 0)[:, None, None, :]   # (B, 1, T, S)
