@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from npformer import cli
 from npformer.training import checkpoint as checkpoint_module
 from npformer.training import pretrain as pretrain_module
 from npformer.training.checkpoint import CheckpointError, load_checkpoint
+from npformer.training.objectives import CausalLM
 from npformer.training.pretrain import PretrainConfig, pretrain
 from npformer.training.stopping import Interrupted, StopNow
 from tests.helpers import signal_at_steps
@@ -187,9 +189,14 @@ def test_evaluation_runs_in_pieces_of_a_shard_and_agrees_with_the_whole_batch(tm
     model = gpt_module.GPT(gpt_module.GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16),
                            generator=np.random.default_rng(0), dtype=np.float64)
     ids = np.random.default_rng(0).integers(0, 20, 500)
-    whole = pretrain_module.evaluate(model, ids, dataclasses.replace(cfg, shards=1), seed=3)
+
+    def evaluate(cfg):
+        objective = CausalLM(dataclasses.replace(cfg, block_size=16), SimpleNamespace(vocab_size=20))
+        objective.model = objective.saved = model               # float64, so that 1e-12 can hold
+        return objective.evaluate(ids, seed=3)["loss"]
+    whole = evaluate(dataclasses.replace(cfg, shards=1))
     monkeypatch.setattr(gpt_module.GPT, "forward", recording)
-    pieces = pretrain_module.evaluate(model, ids, cfg, seed=3)
+    pieces = evaluate(cfg)
     assert model_rows == [2, 2, 2] * cfg.eval_iters
     assert pieces == pytest.approx(whole, rel=1e-12)
 

@@ -1,6 +1,7 @@
-"""``npformer pretrain``: train a GPT language model, the built-in toy language by default.
+"""``npformer pretrain``: train a GPT (or BERT) language model, the built-in toy language by default.
 
     npformer pretrain                                    # a few minutes on a CPU
+    npformer pretrain --model bert --out out-bert        # a BERT masked LM with a WordPiece vocabulary
     npformer pretrain --resume                           # continue the run in out-pretrain/
     npformer pretrain --data ../shared/data/tinyshakespeare.txt --out out-shakespeare
 
@@ -19,9 +20,12 @@ from . import DefaultsHelpFormatter
 def add_parser(subparsers) -> None:
     from ..training.pretrain import PretrainConfig
     d = PretrainConfig()
-    p = subparsers.add_parser("pretrain", help="train a GPT language model (the built-in toy language by default)",
+    p = subparsers.add_parser("pretrain", help="train a GPT or BERT language model (the built-in toy language by default)",
                        formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("gpt", "bert"), default=d.model,
+                   help="gpt: a causal LM (predict the next token); bert: a masked LM (predict 15%% of the "
+                        "tokens, masked, from both sides)")
     g.add_argument("--n-layer", type=int, default=d.n_layer, help="Transformer blocks")
     g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads per block")
     g.add_argument("--n-embd", type=int, default=d.n_embd, help="model width (embedding size)")
@@ -55,8 +59,10 @@ def add_parser(subparsers) -> None:
                         "slower (default: on the CPU pieces of about 512 tokens, a multiple of "
                         "--workers; on a GPU one)")
     g.add_argument("--data", default=None, help="a UTF-8 text file (default: the built-in toy language)")
-    g.add_argument("--tokenizer", choices=("char", "bpe"), default=d.tokenizer, help="character-level or byte-level BPE")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size for --tokenizer bpe")
+    g.add_argument("--tokenizer", choices=("char", "bpe", "wordpiece"), default=d.tokenizer,
+                   help="character-level, byte-level BPE or WordPiece (None: char for gpt, wordpiece for bert)")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="vocabulary size for --tokenizer bpe and wordpiece (wordpiece: at most)")
     g.add_argument("--out", default=d.out, help="run directory for checkpoints, metrics.jsonl and loss.png")
     g.add_argument("--keep", type=int, default=d.keep,
                    help="checkpoints kept in --out, the newest (0: all); --resume falls back to an older "

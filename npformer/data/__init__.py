@@ -6,3 +6,4 @@ from .tokenizers import ByteBPETokenizer, CharTokenizer, load_tokenizer
 from .wordpiece import WordPieceTokenizer
 from .mlm import mask_tokens
 from .tasks import TASKS, TaskTokenizer, get_task     # also registers TaskTokenizer with load_tokenizer
+from .wordpiece_stream import WordPieceStream   # registers the "wordpiece" type with load_tokenizer

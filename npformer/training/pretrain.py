@@ -1,4 +1,4 @@
-"""Pretraining a GPT on a text corpus: the loop behind ``npformer pretrain``.
+"""Pretraining a GPT (or a BERT) on a text corpus: the loop behind ``npformer pretrain``.
 
 The run is fully determined by its ``PretrainConfig``: the weights come from a
 generator seeded with ``seed``, batches from a sampler seeded with ``seed + 1``,
@@ -6,6 +6,10 @@ dropout from a generator seeded with ``seed + 2``. A checkpoint stores all three
 states, so a run stopped at step k and resumed reaches exactly the weights and
 losses of the uninterrupted run (on the CPU, with the same number of workers: the
 workers split each batch, which fixes the float rounding and the dropout streams).
+
+``model="bert"`` trains a BERT masked language model on the same loop (objectives.py says what
+differs: the batches are masked, the loss is taken over the masked tokens, evaluations report the
+masked-token accuracy too, and the run ends with filled-in masks instead of samples).
 
 A resumed run keeps the learning-rate schedule of the run that wrote the
 checkpoint: ``lr_decay_iters=None`` means the checkpoint's ``lr_decay_iters``
@@ -24,8 +28,9 @@ matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 (every ``eval_interval`` steps and at ``max_iters``):
 
     step        optimizer steps taken
-    train_loss  mean loss over eval_iters fixed training batches (nats/token)
+    train_loss  mean loss over eval_iters fixed training batches (nats/token; BERT: per masked token)
     val_loss    the same on the validation text
+    train_accuracy, val_accuracy   BERT only: the fraction of masked tokens predicted exactly
     lr          learning rate of the last step
     elapsed_s   seconds since this process started the run (or resumed it)
 """
@@ -38,20 +43,16 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import backend, cpu, random
-from ..autograd import no_grad
-from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, default_corpus,
+from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, WordPieceStream, default_corpus,
                     load_text)
-from ..data.dataset import BatchSampler, data_fingerprint
-from ..models.gpt import GPT, GPTConfig
-from ..models.sampling import generate
+from ..data.dataset import data_fingerprint
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
 from . import workers as shard_workers
 from .checkpoint import CheckpointError, save_checkpoint
 from .memory import check_pretrain_memory, format_bytes, shard_plan
+from .objectives import MODELS, make_objective
 from .metrics import append_metrics, plot_losses, truncate_metrics
 from .progress import ProgressBar, format_seconds
 from .rundir import RunDir, check_resumable, load_for_resume, set_aside
@@ -61,12 +62,13 @@ class OutOfMemory(RuntimeError):
     """A MemoryError inside the training loop, told in one line with the flags that lower memory."""
 
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Every setting of a pretraining run (the CLI flags, by the same names)."""
+    model: str = "gpt"                  # "gpt" (causal LM) or "bert" (masked LM)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -90,8 +92,8 @@ class PretrainConfig:
     workers: int = None                 # CPU workers of the data-parallel step; None: all usable cores
     shards: int = None                  # pieces each batch is cut into (None: about 512 tokens each)
     data: str = None                    # None: the built-in toy language
-    tokenizer: str = "char"             # "char" or "bpe"
-    vocab_size: int = 512               # for --tokenizer bpe
+    tokenizer: str = None               # "char", "bpe" or "wordpiece"; None: char for gpt, wordpiece for bert
+    vocab_size: int = 512               # for --tokenizer bpe and wordpiece
     out: str = "out-pretrain"
     resume: bool = False
     keep: int = 2                       # checkpoints kept (the newest); 0: all
@@ -128,8 +130,18 @@ class PretrainConfig:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1); got {self.beta1}, {self.beta2}")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
-        need(self.tokenizer in ("char", "bpe"), f"--tokenizer must be 'char' or 'bpe'; got {self.tokenizer!r}")
-        need(self.tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
+        need(self.model in MODELS, f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        tokenizer = self.tokenizer or {"gpt": "char", "bert": "wordpiece"}[self.model]
+        need(tokenizer in ("char", "bpe", "wordpiece"),
+             f"--tokenizer must be 'char', 'bpe' or 'wordpiece'; got {tokenizer!r}")
+        need(tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
+        need(tokenizer != "wordpiece" or self.vocab_size > 5,
+             f"--vocab-size must exceed the 5 special tokens for wordpiece; got {self.vocab_size}")
+        if self.model == "bert":
+            need(tokenizer == "wordpiece", f"--model bert needs --tokenizer wordpiece (its [CLS], [SEP] and [MASK] "
+                                           f"tokens); got --tokenizer {tokenizer}")
+            need(self.bias, "--no-bias is a GPT option: BERT's layers always have biases")
+            need(self.block_size >= 3, f"--block-size must be >= 3 for bert ([CLS], a token, [SEP]); got {self.block_size}")
         need(self.samples >= 0 and self.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0")
         device = self.device or backend.default_device()
         for name in ("workers", "shards"):      # None: npformer's choice
@@ -143,7 +155,7 @@ class PretrainConfig:
         workers = parallel.default_threads(device) if t is None else t
         data = None if self.data is None else os.path.abspath(self.data)      # resumable from any directory
         return dataclasses.replace(self, warmup_iters=warmup, lr_decay_iters=decay, device=device, workers=workers,
-                                   data=data)
+                                   data=data, tokenizer=tokenizer)
 
 
 def _load_corpus(cfg: PretrainConfig):
@@ -176,41 +188,16 @@ def _check_data_unchanged(cfg, saved: dict, now: dict, log) -> None:
 def _build_tokenizer(cfg, train_text, val_text, log):
     if cfg.tokenizer == "char":
         return CharTokenizer(train_text + val_text)
+    if cfg.tokenizer == "wordpiece":
+        log(f"training a WordPiece tokenizer (vocabulary up to {cfg.vocab_size}) on {len(train_text):,} characters")
+        return WordPieceStream.train(train_text, cfg.vocab_size)
     log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(train_text):,} characters")
     return ByteBPETokenizer().train(train_text, cfg.vocab_size)
 
 
-def _run_state(cfg, step, sampler, dropout_rng, best_val):
+def _run_state(cfg, step, sampler, dropout_rng, best_val, objective):
     return {"step": step, "sampler": sampler.state_dict(), "best_val": best_val,
-            "dropout_rng": backend.generator_state(dropout_rng)}
-
-
-def eval_pieces(cfg) -> int:
-    """Pieces an evaluation batch is cut into: as many as a training step's shards, so that an
-    evaluation never holds more activations at once than one shard of a training step."""
-    return shard_plan(cfg)[0]
-
-
-def evaluate(model, ids, cfg, seed: int) -> float:
-    """Mean loss over cfg.eval_iters batches drawn with a fixed seed (the same batches every time).
-
-    Each (batch_size, block_size) batch runs in eval_pieces(cfg) pieces of rows, one after another;
-    every row has block_size targets, so the batch's loss is the row-weighted mean of the pieces'."""
-    sampler = BatchSampler(ids, cfg.block_size, cfg.batch_size, seed=seed)
-    edges = np.linspace(0, cfg.batch_size, eval_pieces(cfg) + 1).astype(int)
-    was_training = model.training
-    model.eval()
-    losses = []
-    with no_grad():
-        for _ in range(cfg.eval_iters):
-            x, y = sampler.sample()
-            total = 0.0
-            for a, b in zip(edges[:-1], edges[1:]):
-                loss = model(backend.to_device(x[a:b], cfg.device), backend.to_device(y[a:b], cfg.device))[1]
-                total += loss.item() * (b - a)          # [1]: the piece's logits are freed at once
-            losses.append(total / cfg.batch_size)
-    model.train(was_training)
-    return float(np.mean(losses))
+            "dropout_rng": backend.generator_state(dropout_rng), "objective": objective.state_dict()}
 
 
 def _out_of_memory(cfg, step: int, where: str, last_saved) -> OutOfMemory:
@@ -218,7 +205,7 @@ def _out_of_memory(cfg, step: int, where: str, last_saved) -> OutOfMemory:
              else "no checkpoint was written yet")
     return OutOfMemory(f"out of memory in the {where} of step {step}; {saved}; lower --batch-size "
                        f"({cfg.batch_size}) or --block-size ({cfg.block_size}), or raise --shards "
-                       f"({eval_pieces(cfg)})")
+                       f"({shard_plan(cfg)[0]})")
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
@@ -257,19 +244,19 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     if ckpt:
         set_aside(cfg.out, ckpt, log)           # the resume is accepted: move damaged checkpoints aside
 
-    mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-    model = GPT(mcfg, generator=np.random.default_rng(cfg.seed), device=cfg.device)
+    objective = make_objective(cfg, tok)        # the model, its batches and its evaluation
+    model = objective.model
     opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
                 betas=(cfg.beta1, cfg.beta2))
-    sampler = BatchSampler(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed + 1)
+    sampler = objective.sampler(train_ids, seed=cfg.seed + 1)
     dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
     step, best_val, last_saved = 0, None, None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if ckpt:
-        model.load_state_dict(ckpt.model_state)
+        objective.saved.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
         run = ckpt.meta["run"]
+        objective.load_state_dict(run.get("objective") or {})
         step, best_val = int(run["step"]), run["best_val"]
         last_saved = step
         sampler.load_state_dict(run["sampler"])
@@ -287,9 +274,10 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         os.remove(metrics_path)                 # left by an earlier run that saved no checkpoint
 
     context_floor = None
-    if floor is not None and cfg.tokenizer == "char":
+    if floor is not None and cfg.tokenizer == "char" and cfg.model == "gpt":
         context_floor = ToyLanguage(seed=0).context_floor(cfg.block_size)
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+    floor = floor if cfg.model == "gpt" else None   # the entropy rate bounds next-token prediction only
+    log(f"model: {cfg.model} {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"device {cfg.device}" + (f" ({cfg.workers} worker{'s' * (cfg.workers != 1)})" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
@@ -297,17 +285,17 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         + f"; memory: about {format_bytes(estimate.peak_bytes)} at peak")
 
     def save(at_step):
-        meta = {"model": "gpt", "model_config": mcfg.to_dict(), "pretrain_config": dataclasses.asdict(cfg),
-                "data_fingerprint": fingerprint,
-                "run": _run_state(cfg, at_step, sampler, dropout_rng, best_val)}
-        host = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+        meta = {"model": objective.kind, "model_config": objective.config.to_dict(),
+                "pretrain_config": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
+                "run": _run_state(cfg, at_step, sampler, dropout_rng, best_val, objective)}
+        host = {k: backend.to_numpy(v) for k, v in objective.saved.state_dict().items()}
         opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
         save_checkpoint(cfg.out, at_step, host, opt_state, tok, meta, keep=cfg.keep)
 
     bar = ProgressBar(cfg.max_iters, start=step)
     tokens_per_step = cfg.batch_size * cfg.block_size
     train_loss = float("nan")
-    val_loss = None
+    val_loss = val_accuracy = None
     model.train()
     train_seconds, steps_run = 0.0, 0
     # The dropout generator is this thread's default for the loop only (restored afterwards).
@@ -319,8 +307,8 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
 
         def step_fb(x, y):
             if workers is not None:
-                return workers.forward_backward(x, y, shards=cfg.shards)
-            return parallel.forward_backward(model, x, y, cfg.workers, shards=cfg.shards)
+                return workers.forward_backward(x, y, objective.ignore_index, shards=cfg.shards)
+            return parallel.forward_backward(model, x, y, cfg.workers, objective.ignore_index, shards=cfg.shards)
 
         where = "training step"
         try:
@@ -328,7 +316,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 t_step = time.perf_counter()
                 lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
                 set_lr(opt, lr)
-                x, y = sampler.sample()
+                x, y = objective.batch(sampler)
                 where = "training step"
                 with parallel.blas_context(cfg.workers):    # one-thread BLAS under data-parallel workers
                     train_loss = step_fb(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
@@ -347,14 +335,18 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 bar.update(step, train_loss, lr, tokens_per_step)
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                     where = "evaluation"
-                    tl = evaluate(model, train_ids, cfg, seed=cfg.seed + 3)
-                    val_loss = evaluate(model, val_ids, cfg, seed=cfg.seed + 4)
+                    tr = objective.evaluate(train_ids, seed=cfg.seed + 3)
+                    va = objective.evaluate(val_ids, seed=cfg.seed + 4)
+                    val_loss, val_accuracy = va["loss"], va.get("accuracy")
                     best_val = val_loss if best_val is None else min(best_val, val_loss)
-                    record = {"step": step, "train_loss": tl, "val_loss": val_loss, "lr": lr,
+                    record = {"step": step, "train_loss": tr["loss"], "val_loss": val_loss, "lr": lr,
                               "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                    if val_accuracy is not None:
+                        record.update(train_accuracy=tr["accuracy"], val_accuracy=val_accuracy)
                     append_metrics(metrics_path, record)
                     gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
-                    bar.message(f"step {step}: train {tl:.4f}, val {val_loss:.4f}{gap}")
+                    acc = "" if val_accuracy is None else f"; masked tokens right: train {tr['accuracy']:.1%}, val {val_accuracy:.1%}"
+                    bar.message(f"step {step}: train {tr['loss']:.4f}, val {val_loss:.4f}{gap}{acc}")
                     save(step)
                     last_saved = step
                 if stop.requested:
@@ -367,20 +359,19 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
             if workers is not None:
                 workers.close()
 
-    summary = {"step": step, "val_loss": val_loss, "best_val": best_val, "entropy_floor": floor,
+    summary = {"model": cfg.model, "step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
+               "best_val": best_val, "entropy_floor": floor,
                "context_floor": context_floor,
                "ms_per_iter": 1000 * train_seconds / steps_run if steps_run else None,
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
     if floor and val_loss is not None:
         summary["gap_percent"] = 100 * (summary["val_loss_per_char"] / floor - 1)
     plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor, log)
-    for i in range(cfg.samples):
-        prompt = tok.encode(val_text[:1]).reshape(1, -1)
-        ids = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=None, seed=cfg.seed + 10 + i)
-        log(f"--- sample {i + 1} ---\n{tok.decode(ids[0])}")
+    objective.show(val_text, log)
     summary["seconds"] = time.perf_counter() - t_start
     log(f"done in {format_seconds(summary['seconds'])}: "
         + ("no steps taken" if val_loss is None else f"val loss {val_loss:.4f}")
+        + ("" if val_accuracy is None else f", masked tokens right {val_accuracy:.1%}")
         + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
         + f"; checkpoint in {cfg.out}")
     return summary
