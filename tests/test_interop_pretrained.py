@@ -238,7 +238,8 @@ def test_checkpoint_quirks(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["architectures"] = ["BertModel"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    bare = from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"not used when initializing BertModel: \['cls.predictions.bias'"):
+        bare = from_pretrained(tmp_path)
     assert type(bare).__name__ == "BertModel" and bare.pooler is None
     np.testing.assert_array_equal(bare(ids).last_hidden_state.data, model.bert(ids).last_hidden_state.data)
 
@@ -262,3 +263,99 @@ def test_tokenizer_returned(tmp_path):
     assert back == tok
     save_pretrained(_np_model("GPT", np.float32), tmp_path / "g")
     assert from_pretrained(tmp_path / "g", with_tokenizer=True)[1] is None
+
+
+# ----------------------------------------------------------------------------- heads: architecture, num_labels
+
+def _warned(record, text):
+    return [str(w.message) for w in record if text in str(w.message)]
+
+
+def test_masked_lm_directory_as_classifier(tmp_path):
+    """A new head is drawn as HF draws it, and both the new and the unused weights are reported."""
+    mlm = _np_model("BertForMaskedLM", np.float64)
+    save_pretrained(mlm, tmp_path)
+    with pytest.warns(UserWarning) as record:
+        clf = from_pretrained(tmp_path, architecture="BertForSequenceClassification", num_labels=3)
+    (new,) = _warned(record, "newly initialized")
+    (unused,) = _warned(record, "were not used")
+    for key in ("classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"):
+        assert repr(key) in new
+    assert "'cls.predictions.transform.dense.weight'" in unused and "bert.embeddings" not in unused + new
+    assert type(clf).__name__ == "BertForSequenceClassification" and clf.config.num_labels == 3 and not clf.training
+    ours = clf.state_dict()
+    for k, v in mlm.bert.state_dict().items():                        # the encoder: the MLM's, bit for bit
+        np.testing.assert_array_equal(ours["bert." + k], v)
+    w, b = np.asarray(ours["classifier.weight"]), np.asarray(ours["classifier.bias"])
+    assert w.shape == (3, 8) and w.dtype == np.float64 and not b.any() and 0.005 < w.std() < 0.05
+    with pytest.warns(UserWarning):
+        again = models.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3)     # seed 0 again
+        other = from_pretrained(tmp_path, architecture="BertForSequenceClassification", num_labels=3,
+                                seed=np.random.default_rng(1))
+    np.testing.assert_array_equal(again.state_dict()["classifier.weight"], w)
+    assert not np.array_equal(other.state_dict()["classifier.weight"], w)
+
+
+def test_question_answering_head_is_fresh(tmp_path):
+    save_pretrained(_np_model("BertForSequenceClassification", np.float32), tmp_path)     # 3 labels, pooler
+    with pytest.warns(UserWarning) as record:
+        qa = models.BertForQuestionAnswering.from_pretrained(tmp_path, num_labels=2)
+    assert "'qa_outputs.weight'" in _warned(record, "newly initialized")[0]
+    unused = _warned(record, "were not used")[0]
+    assert "'classifier.weight'" in unused and "'bert.pooler.dense.weight'" in unused
+    assert np.asarray(qa.state_dict()["qa_outputs.weight"]).shape == (2, 8)
+    with pytest.raises(ValueError, match="num_labels must be 2"):
+        models.BertForQuestionAnswering.from_pretrained(tmp_path)                         # the file's 3 labels
+
+
+def test_num_labels_mismatch(tmp_path):
+    model = _np_model("BertForSequenceClassification", np.float32)                      # 3 labels
+    save_pretrained(model, tmp_path)
+    with pytest.raises(ValueError) as info:
+        from_pretrained(tmp_path, num_labels=2)
+    msg = str(info.value)
+    assert "\n" not in msg and "model.safetensors" in msg and "'classifier.weight'" in msg
+    assert "(3, 8)" in msg and "(2, 8)" in msg and "ignore_mismatched_sizes=True" in msg
+    with pytest.warns(UserWarning, match=r"shapes did not match: \['classifier.weight: \(3, 8\) -> \(2, 8\)'"):
+        two = from_pretrained(tmp_path, num_labels=2, ignore_mismatched_sizes=True)
+    assert two.config.num_labels == 2 and not np.asarray(two.state_dict()["classifier.bias"]).any()
+    np.testing.assert_array_equal(two.state_dict()["bert.pooler.dense.weight"],
+                                  model.state_dict()["bert.pooler.dense.weight"])
+    with pytest.raises(ValueError, match="must give one positive number of labels"):
+        from_pretrained(tmp_path, num_labels=2, id2label={0: "a", 1: "b", 2: "c"})
+    assert from_pretrained(tmp_path, label2id={"a": 0, "b": 1, "c": 2}).config.num_labels == 3
+
+
+def test_bad_architecture_and_gpt2_heads(tmp_path):
+    _saved(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json: architecture='GPT2Model' is not supported for model_type "
+                                         r"'bert'; supported: BertModel"):
+        from_pretrained(tmp_path, architecture="GPT2Model")
+    gpt = _np_model("GPT", np.float64)
+    save_pretrained(gpt, tmp_path / "g")
+    with pytest.warns(UserWarning, match=r"newly initialized: \['head.weight'\]"):
+        clf = from_pretrained(tmp_path / "g", architecture="GPT2ForSequenceClassification", num_labels=4)
+    assert clf.num_classes == 4
+    np.testing.assert_array_equal(clf.backbone.state_dict()["transformer.wte.weight"],
+                                  gpt.state_dict()["transformer.wte.weight"])
+
+
+@pytest.mark.verify
+def test_new_head_matches_transformers(tmp_path):
+    """HF's AutoModelForSequenceClassification on the same masked-LM directory: the encoder equal to
+    ~1e-10 in float64, and the logits too once HF's freshly drawn head is replaced by ours."""
+    torch, transformers = _hf()
+    hf_mlm = _hf_model("BertForMaskedLM", torch.float64)
+    hf_mlm.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.warns(UserWarning):
+        ours = models.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=3, dtype=torch.float64, attn_implementation="eager").eval()
+    ids = _ids(BERT["vocab_size"])
+    with torch.no_grad():
+        want = hf.bert(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    _close(np.asarray(ours.bert(ids).last_hidden_state.data), want, np.float64)
+    with torch.no_grad():                                   # the head both drew fresh: ours, in HF's model
+        for key in ("classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"):
+            hf.get_parameter(key).copy_(torch.from_numpy(np.asarray(ours.state_dict()[key])))
+    _close(_np_logits(ours, ids), _hf_logits(hf, ids), np.float64)

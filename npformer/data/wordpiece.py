@@ -317,6 +317,16 @@ class WordPieceTokenizer:
             f.write("".join(t + "\n" for t in self.vocab_tokens))
 
     @classmethod
+    def from_pretrained(cls, path, **options) -> "WordPieceTokenizer":
+        """HF's name: from_file(path, **options) on a directory holding vocab.txt."""
+        return cls.from_file(path, **options)
+
+    def save_pretrained(self, path) -> None:
+        """HF's name: make the directory `path`, then save(path) (vocab.txt, tokenizer_config.json)."""
+        os.makedirs(path, exist_ok=True)
+        self.save(path)
+
+    @classmethod
     def train(cls, texts, vocab_size, *, min_frequency=2, **options) -> "WordPieceTokenizer":
         """Learn a vocabulary of vocab_size tokens from texts; see wordpiece_train.train_wordpiece."""
         from .wordpiece_train import train_wordpiece

@@ -1,6 +1,7 @@
 """Hugging Face checkpoint directories <-> npformer models, without torch.
 
     model = from_pretrained("path/to/dir")                        # the npformer model
+    clf = from_pretrained("mlm/dir", architecture="BertForSequenceClassification", num_labels=3)
     model, tok = from_pretrained("path/to/dir", with_tokenizer=True)   # tok: WordPieceTokenizer or None
     save_pretrained(model, "out/dir", tokenizer=tok)              # transformers.AutoModel*.from_pretrained reads it
 
@@ -24,12 +25,19 @@ prefix (saved from GPT2Model) get it; tied weights absent from the file (``lm_he
 ``cls.predictions.decoder.*``) are taken from the embedding. GPT-2's Conv1D weights are stored (in, out)
 and transposed to npformer's (out, in) both ways. Every problem raises ValueError (FileNotFoundError for a
 missing file) in one line naming the file and the field.
+
+Heads, as HF's AutoModelFor*.from_pretrained(path, num_labels=...): `architecture` and num_labels
+override config.json. Head weights (BERT_HEADS, GPT2_HEADS) the head needs but the file lacks are drawn
+as HF initialises them (2-D N(0, initializer_range^2) from `seed`, biases 0, LayerNorm weights 1), the
+file's head weights it does not use are left out, and a UserWarning names both. A misshapen head
+weight (num_labels=3 on a 2-label file) is an error unless ignore_mismatched_sizes=True draws it fresh.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -55,6 +63,9 @@ _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12
                       pad_token_id=None, problem_type=None)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _DROP_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias")
+# task-head weights: drawn fresh when the file lacks them, left out (and reported) when unused
+BERT_HEADS = ("cls.", "classifier.", "qa_outputs.", "bert.pooler.")
+GPT2_HEADS = ("head.", "score.")
 
 
 def _safetensors_numpy():
@@ -82,10 +93,10 @@ def _read_config(path: str) -> dict:
     return cfg
 
 
-def _architecture(cfg: dict, file: str) -> tuple:
-    """(model_type, architecture) of a config dict, checked."""
+def _architecture(cfg: dict, file: str, architecture: str = None) -> tuple:
+    """(model_type, architecture) of a config dict, checked; `architecture` overrides architectures[0]."""
     model_type = cfg.get("model_type")
-    archs = cfg.get("architectures") or []
+    archs = [architecture] if architecture is not None else (cfg.get("architectures") or [])
     if model_type == "bert":
         arch, known = (archs[0] if archs else "BertModel"), tuple(BERT_ARCHS)
     elif model_type == "gpt2":
@@ -93,9 +104,20 @@ def _architecture(cfg: dict, file: str) -> tuple:
     else:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: 'bert', 'gpt2'")
     if arch not in known:
-        raise ValueError(f"{file}: architectures {archs!r} is not supported for model_type {model_type!r}; "
+        what = f"architecture={arch!r}" if architecture is not None else f"architectures {archs!r}"
+        raise ValueError(f"{file}: {what} is not supported for model_type {model_type!r}; "
                          f"supported: {', '.join(known)}")
     return model_type, arch
+
+
+def _with_labels(cfg: dict, num_labels, id2label, label2id, file: str) -> dict:
+    """cfg with the labels overridden as HF's keywords do (npformer keeps only their number)."""
+    counts = {len(d) for d in (id2label, label2id) if d is not None} | ({num_labels} - {None})
+    n = next(iter(counts)) if counts else None
+    if counts and (len(counts) > 1 or isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise ValueError(f"{file}: num_labels, id2label and label2id must give one positive number of labels; "
+                         f"got num_labels={num_labels!r}, id2label={id2label!r}, label2id={label2id!r}")
+    return cfg if n is None else {**cfg, "num_labels": int(n), "id2label": _labels(int(n))["id2label"]}
 
 
 def _num_labels(cfg: dict) -> int:
@@ -148,58 +170,78 @@ def _dtype(dtype, state: dict):
     return kinds.pop() if len(kinds) == 1 and kinds <= {np.dtype(np.float32), np.dtype(np.float64)} else None
 
 
-def _fill(model, state: dict, file: str, where: str) -> None:
-    """Check every key of model against state (one-line errors naming the weight) and load it."""
-    own = model.state_dict()
+def _fresh(key: str, shape: tuple, std: float, rng) -> np.ndarray:
+    """HF's initialisation of one head weight: 2-D N(0, std^2), LayerNorm weight 1, bias 0."""
+    if len(shape) == 2:
+        return std * rng.standard_normal(size=shape)
+    return np.full(shape, float(key.endswith("Norm.weight")))
+
+
+def _fill(model, state: dict, file: str, where: str, heads=(), init=None) -> tuple:
+    """Check every key of model against state (one-line errors naming the weight) and load it; keys
+    under the `heads` prefixes missing (or misshapen, init = (std, rng, ignore_mismatched_sizes)) are
+    drawn fresh, unused ones left out. Returns (fresh keys, "key: shapes" re-drawn, unused keys)."""
+    (std, rng, ignore_mismatched), own, state, fresh, mismatched = init, model.state_dict(), dict(state), [], []
     for key, target in own.items():
-        if key not in state:
+        want = tuple(target.shape)
+        got = tuple(np.shape(state[key])) if key in state else None
+        head = key.startswith(heads)
+        if got is None and not head:
             raise ValueError(f"{file}: weight {key!r} missing (needed by {where})")
-        got = tuple(np.shape(state[key]))
-        if got != tuple(target.shape):
-            raise ValueError(f"{file}: weight {key!r} has shape {got}, but config.json gives {tuple(target.shape)} "
-                             f"({where})")
-    extra = [k for k in state if k not in own]
+        if got is not None and got != want:
+            if not head:
+                raise ValueError(f"{file}: weight {key!r} has shape {got}, but config.json gives {want} ({where})")
+            if not ignore_mismatched:
+                raise ValueError(f"{file}: weight {key!r} has shape {got}, but the model needs {want} ({where}, "
+                                 f"its num_labels); pass ignore_mismatched_sizes=True to re-initialise the head")
+            mismatched.append(f"{key}: {got} -> {want}")
+        if got != want:
+            state[key] = _fresh(key, want, std, rng)
+            fresh += [key] if got is None else []
+    unused = [k for k in state if k not in own and k.startswith(heads)]
+    extra = [k for k in state if k not in own and not k.startswith(heads)]
     if extra:
         raise ValueError(f"{file}: {len(extra)} unexpected weights for {where}, e.g. {extra[0]!r}")
-    model.load_state_dict(state, cast=True)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, cast=True)
+    return fresh, mismatched, unused
 
 
-def _load_bert(cfg, arch, state, file, dtype, device):
+def _load_bert(cfg, arch, state, file, dtype, device, init):
     from ..models import bert, bert_heads
     from .bert import config_from_hf
     try:
         config = config_from_hf(_namespace(cfg, _BERT_DEFAULTS))
+        init = (config.initializer_range or 0.02,) + init
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{os.path.join(os.path.dirname(file), CONFIG)}: {exc}") from None
     kind = BERT_ARCHS[arch]
     prefixed = any(k.startswith("bert.") for k in state)
     if kind == "BertModel":
-        state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")} if prefixed else state
-        state = {k: v for k, v in state.items() if not k.startswith(("cls.", "classifier.", "qa_outputs."))}
-        pooled = "pooler.dense.weight" in state
-        model = bert.BertModel(config, add_pooling_layer=pooled, dtype=dtype, device=device, init_weights=False)
+        state = {(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in state.items()}
+        model = bert.BertModel(config, add_pooling_layer="pooler.dense.weight" in state, dtype=dtype,
+                               device=device, init_weights=False)
     else:
         if not prefixed:
-            state = {(k if k.startswith(("cls.", "classifier.", "qa_outputs.")) else "bert." + k): v
-                     for k, v in state.items()}
-        if kind != "BertForSequenceClassification":          # no pooler in these heads
-            state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
+            state = {(k if k.startswith(BERT_HEADS) else "bert." + k): v for k, v in state.items()}
         if kind == "BertForMaskedLM" and config.tie_word_embeddings:
             state.setdefault("cls.predictions.decoder.weight", state.get("bert.embeddings.word_embeddings.weight"))
             state.setdefault("cls.predictions.decoder.bias", state.get("cls.predictions.bias"))
             state.setdefault("cls.predictions.bias", state.get("cls.predictions.decoder.bias"))
             state = {k: v for k, v in state.items() if v is not None}
-        cls = getattr(bert_heads, kind)
-        model = cls(config, dtype=dtype, device=device, init_weights=False)
-    _fill(model, state, file, f"{arch} in {CONFIG}")
-    return model
+        try:
+            model = getattr(bert_heads, kind)(config, dtype=dtype, device=device, init_weights=False)
+        except ValueError as exc:              # BertForQuestionAnswering with num_labels != 2
+            raise ValueError(f"{file}: {exc}") from None
+    heads = BERT_HEADS[:3] if kind == "BertModel" else BERT_HEADS        # a BertModel's pooler: as in the file
+    return model, _fill(model, state, file, f"{arch} in {CONFIG}", heads, init)
 
 
-def _load_gpt2(cfg, arch, state, file, dtype, device):
+def _load_gpt2(cfg, arch, state, file, dtype, device, init):
     from ..models.classifier import SequenceClassifier
     from ..models.gpt import GPT
     from .gpt2 import _classes, config_from_hf
     ns = _namespace(cfg, _GPT2_DEFAULTS)
+    init = (float(cfg.get("initializer_range", 0.02)),) + init
     tied = bool(ns.tie_word_embeddings) or arch != "GPT2LMHeadModel"
     try:
         config = config_from_hf(ns, tie_embeddings=tied)
@@ -220,24 +262,47 @@ def _load_gpt2(cfg, arch, state, file, dtype, device):
         model = gpt
         if tied and "transformer.wte.weight" in state:
             state["lm_head.weight"] = state["transformer.wte.weight"]
-    _fill(model, state, file, f"{arch} in {CONFIG}")
-    return model
+    return model, _fill(model, state, file, f"{arch} in {CONFIG}", GPT2_HEADS, init)
 
 
-def from_pretrained(path, dtype=None, *, with_tokenizer: bool = False, device: str = None):
+def _report(path: str, arch: str, fresh: list, mismatched: list, unused: list) -> None:
+    """HF's two warnings: the weights drawn fresh, and the file's weights left out."""
+    if fresh or mismatched:
+        parts = [f"newly initialized{why}: {keys}" for why, keys in (("", fresh), (
+            " because the shapes did not match", mismatched)) if keys]
+        warnings.warn(f"Some weights of {arch} were not initialized from the model checkpoint at {path} and are "
+                      f"{'; '.join(parts)}. You should probably TRAIN this model on a down-stream task to be able "
+                      f"to use it for predictions and inference.", UserWarning, stacklevel=3)
+    if unused:
+        warnings.warn(f"Some weights of the model checkpoint at {path} were not used when initializing {arch}: "
+                      f"{unused}", UserWarning, stacklevel=3)
+
+
+def from_pretrained(path, dtype=None, *, with_tokenizer: bool = False, device: str = None, architecture: str = None,
+                    num_labels: int = None, id2label: dict = None, label2id: dict = None,
+                    ignore_mismatched_sizes: bool = False, seed=0):
     """The npformer model (in eval mode) of an HF checkpoint directory; with with_tokenizer=True,
     (model, tokenizer) where tokenizer is a WordPieceTokenizer (BERT with vocab.txt) or None.
-    torch is not imported."""
+    torch is not imported.
+
+    architecture: a name of BERT_ARCHS / GPT2_ARCHS overriding config.json's architectures[0];
+    num_labels, id2label, label2id: override the config's labels (only their number is kept);
+    ignore_mismatched_sizes: re-draw a misshapen head weight instead of raising; seed: an int or a
+    numpy.random.Generator for the head weights drawn fresh (see the module docstring)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected an HF checkpoint directory with {CONFIG})")
-    cfg = _read_config(path)
-    model_type, arch = _architecture(cfg, os.path.join(path, CONFIG))
+    file = os.path.join(path, CONFIG)
+    cfg = _with_labels(_read_config(path), num_labels, id2label, label2id, file)
+    model_type, arch = _architecture(cfg, file, architecture)
     state, file = _read_weights(path)
     state = _clean(state)
     dtype = _dtype(dtype, state)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     load = _load_bert if model_type == "bert" else _load_gpt2
-    model = load(cfg, arch, state, file, dtype, device).train(False)
+    model, report = load(cfg, arch, state, file, dtype, device, (rng, bool(ignore_mismatched_sizes)))
+    _report(path, arch, *report)
+    model.train(False)
     if not with_tokenizer:
         return model
     tokenizer = None

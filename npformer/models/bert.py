@@ -265,6 +265,18 @@ class BertPreTrainedModel(nn.Module):
             self._init_weights(generator)
         return self.to(device=device or backend.default_device())
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """HF's classmethod: npformer.interop.from_pretrained(path, architecture=this class, **kwargs), e.g.
+        BertForSequenceClassification.from_pretrained(dir, num_labels=2) on a masked-LM directory."""
+        from ..interop.pretrained import from_pretrained
+        return from_pretrained(path, architecture=None if cls is BertPreTrainedModel else cls.__name__, **kwargs)
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """npformer.interop.save_pretrained(self, path, tokenizer=tokenizer): config.json, model.safetensors."""
+        from ..interop.pretrained import save_pretrained
+        save_pretrained(self, path, tokenizer=tokenizer)
+
     def _init_weights(self, generator):
         """HF's BERT initialisation: Linear and Embedding weights N(0, initializer_range^2) (the
         padding row then zero), biases (cls.predictions.bias too) zero, LayerNorm weights one.
