@@ -1,9 +1,10 @@
-"""``npformer finetune``: fine-tune a pretrained GPT checkpoint as a classifier and print its test accuracy.
+"""``npformer finetune``: fine-tune a pretrained GPT or BERT checkpoint and print its test score.
 
     npformer finetune --ckpt out-pretrain --task sentiment                  # full fine-tuning
     npformer finetune --ckpt out-pretrain --task sentiment --freeze         # linear probe
     npformer finetune --ckpt out-pretrain --task sentiment --from-scratch   # same architecture, random init
     npformer finetune --resume                                              # continue a stopped run
+    npformer finetune --ckpt out-bert --task qa --out out-qa                # BERT: question answering
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from .. import backend
 
 
 def add_parser(subparsers) -> None:
-    from ..training.finetune import TASKS, FinetuneConfig
+    from ..training.finetune import BERT_TASKS, TASKS, FinetuneConfig
     d = FinetuneConfig()
-    p = subparsers.add_parser("finetune", help="fine-tune a pretrained GPT on a classification task",
+    p = subparsers.add_parser("finetune", help="fine-tune a pretrained GPT or BERT on a task",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # required for a new run (checked in run(), since --resume takes the run's own)
     p.add_argument("--ckpt", default=None,
-                   help="a pretraining run directory (its latest checkpoint) or a checkpoint; None: only "
-                        "with --resume, which takes the run's own")
-    p.add_argument("--task", choices=sorted(TASKS), default=d.task, help="the classification task")
+                   help="a pretraining run directory (its latest checkpoint), a checkpoint, or an HF BERT "
+                        "directory (config.json, model.safetensors, vocab.txt); None: only with --resume, which "
+                        "takes the run's own")
+    p.add_argument("--task", choices=sorted(set(TASKS) | set(BERT_TASKS)), default=d.task,
+                   help="sentiment: classify (GPT or BERT); qa: extractive question answering (BERT)")
     p.add_argument("--freeze", action="store_true", help="train only the classifier head (a linear probe)")
     p.add_argument("--from-scratch", action="store_true",
                    help="the checkpoint's architecture with random weights, trained with the same budget")
@@ -49,5 +52,9 @@ def run(args) -> None:
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
     summary = finetune(cfg)
-    print(f"test accuracy: {summary['test_accuracy']:.4f} "
-          f"({round(summary['test_accuracy'] * summary['n_test'])}/{summary['n_test']})")
+    if "test_accuracy" in summary:
+        print(f"test accuracy: {summary['test_accuracy']:.4f} "
+              f"({round(summary['test_accuracy'] * summary['n_test'])}/{summary['n_test']})")
+    else:
+        print(f"test exact match: {summary['test_exact_match']:.1f}%, F1 {summary['test_f1']:.1f}% "
+              f"({summary['n_test']} questions)")

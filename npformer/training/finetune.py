@@ -19,6 +19,9 @@ The result is a checkpoint in ``out`` (checkpoint.py's format) with meta["model"
 "sequence_classifier", the backbone's model_config, the head's settings, the task's label names,
 the settings of the run and its accuracies; ``load_classifier`` rebuilds the model from it.
 A run never writes into an ``out`` that already holds a checkpoint.
+
+A BERT checkpoint (an npformer ``pretrain --model bert`` run or an HF directory) is fine-tuned by
+finetune_bert.py instead, through the Trainer; it also takes ``task="qa"``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_g
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .rundir import RunDir, check_resumable, load_for_resume, set_aside
 from .stopping import GracefulStop
+from .finetune_bert import HEADS as BERT_TASKS, finetune_bert, is_bert
 from .loading import load_gpt
 from .progress import ProgressBar, format_seconds
 
@@ -84,7 +88,8 @@ class FinetuneConfig:
         def positive_int(v):
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
-        need(self.task in TASKS, f"--task must be one of {sorted(TASKS)}; got {self.task!r}")
+        need(self.task in TASKS or self.task in BERT_TASKS,
+             f"--task must be one of {sorted(set(TASKS) | set(BERT_TASKS))}; got {self.task!r}")
         for name in ("max_iters", "batch_size", "eval_batch_size"):
             v = getattr(self, name)
             need(positive_int(v), f"--{name.replace('_', '-')} must be a positive integer; got {v!r}")
@@ -186,6 +191,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     """
     t_start = time.perf_counter()
     cfg = cfg.checked()
+    if is_bert(cfg.ckpt):
+        return finetune_bert(cfg, log)
+    if cfg.task not in TASKS:
+        raise ValueError(f"--task {cfg.task} needs a BERT checkpoint (an npformer `pretrain --model bert` run or an HF "
+                         f"directory); {cfg.ckpt} is not one")
     with RunDir.claim(cfg.out, "finetune", resume=cfg.resume):
         return _finetune(cfg, log, t_start)
 

@@ -21,8 +21,8 @@ checkpoint-N) with meta["trainer_state"] (global_step, epoch, the metrics, log_h
 meta["training_args"]. The best checkpoint by metric_for_best_model ("loss": eval_loss, lower is
 better; greater_is_better as HF's) is state.best_model_checkpoint / state.best_metric; with
 load_best_model_at_end (npformer's default True, HF's False) train() ends by loading its weights
-back into the model. Not here: several devices, gradient accumulation, mixed precision, resuming; and
-tokenizer.json is an empty CharTokenizer unless the tokenizer is one load_tokenizer reads.
+back into the model (not here: several devices, gradient accumulation, mixed precision, resuming).
+tokenizer.json: the WordPiece vocabulary (or a tokenizer load_tokenizer reads), else an empty CharTokenizer.
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ import numpy as np
 
 from .. import backend, random
 from ..autograd import no_grad
-from ..data.tokenizers import TOKENIZERS, CharTokenizer
+from ..data import CharTokenizer, WordPieceStream, WordPieceTokenizer
+from ..data.tokenizers import TOKENIZERS
 from ..optim import AdamW, clip_grad_norm, set_lr, weight_decay_groups
 from ..tensor import Tensor
 from .checkpoint import load_checkpoint, save_checkpoint
 from .progress import ProgressBar
+from .trainer_data import DataCollatorWithPadding, examples as _examples, join as _join
 
 STRATEGIES = ("no", "epoch")
 LABEL_NAMES = ("labels", "start_positions", "end_positions")     # HF's label_names
@@ -144,82 +146,6 @@ def linear_schedule(step: int, learning_rate: float, warmup_steps: int, total_st
     if step < warmup_steps:
         return learning_rate * step / max(1, warmup_steps)
     return learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-class DataCollatorWithPadding:
-    """HF's DataCollatorWithPadding: a list of example dicts -> a dict of arrays.
-
-    A 1-D field whose lengths differ is padded on the right to the longest: input_ids with the
-    tokenizer's pad_token_id (0 without a tokenizer), labels with -100 (ignored by the losses),
-    the others with 0; an attention_mask (1 = token, 0 = padding) is added when there was none.
-    Scalar fields (labels of a classifier, start_positions, ...) become (B,) arrays. "label" and
-    "label_ids" are renamed "labels", as HF does."""
-
-    def __init__(self, tokenizer=None):
-        self.tokenizer = tokenizer
-
-    def __call__(self, features: list) -> dict:
-        rows = [_rename(f) for f in features]
-        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
-        batch, lengths = {}, None
-        for key in rows[0]:
-            values = [np.asarray(r[key]) for r in rows]
-            if values[0].ndim == 0 or len({v.shape for v in values}) == 1:
-                batch[key] = np.stack(values)                                       # (B,) or (B, T)
-                continue
-            if any(v.ndim != 1 for v in values):
-                raise ValueError(f"DataCollatorWithPadding: {key!r} has shapes {sorted({v.shape for v in values})}; "
-                                 f"only 1-D sequences are padded")
-            T = max(len(v) for v in values)
-            fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
-            out = np.full((len(values), T), fill, dtype=values[0].dtype)               # (B, T)
-            for i, v in enumerate(values):
-                out[i, :len(v)] = v
-            batch[key] = out
-            lengths = [len(v) for v in values] if key == "input_ids" else lengths
-        if lengths is not None and "attention_mask" not in batch:
-            batch["attention_mask"] = (np.arange(batch["input_ids"].shape[1])[None] <
-                                       np.array(lengths)[:, None]).astype(np.int64)    # (B, T)
-        return batch
-
-
-def _rename(row: dict) -> dict:
-    return {("labels" if k in ("label", "label_ids") else k): v for k, v in row.items()}
-
-
-def _examples(dataset, name: str) -> list:
-    """A dataset as a list of example dicts: a sequence of dicts, or a dict of equal-length columns."""
-    if isinstance(dataset, dict):
-        sizes = {k: len(v) for k, v in dataset.items()}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"{name}: columns of different lengths {sizes}")
-        n = next(iter(sizes.values()), 0)
-        dataset = [{k: v[i] for k, v in dataset.items()} for i in range(n)]
-    rows = [_rename(dataset[i]) for i in range(len(dataset))]
-    if not rows:
-        raise ValueError(f"{name} is empty")
-    keys = set(rows[0])
-    if "input_ids" not in keys:
-        raise ValueError(f"{name}: example 0 has no 'input_ids' (keys: {sorted(keys)})")
-    for i, r in enumerate(rows):
-        if set(r) != keys:
-            raise ValueError(f"{name}: example {i} has keys {sorted(r)} but example 0 has {sorted(keys)} "
-                             f"(missing {sorted(keys - set(r))})")
-    return rows
-
-
-def _join(batches: list):
-    """Per-batch tuples of arrays -> one array per field (_concat), the tuple unwrapped when one field."""
-    fields = tuple(_concat(list(field)) for field in zip(*batches))
-    return fields[0] if len(fields) == 1 else fields
-
-
-def _concat(arrays: list) -> np.ndarray:
-    """Batches' outputs joined along axis 0; trailing axes that differ are padded with -100, as HF does."""
-    shape = tuple(max(s) for s in zip(*(a.shape[1:] for a in arrays)))
-    padded = [np.pad(a, [(0, 0)] + [(0, m - s) for m, s in zip(shape, a.shape[1:])], constant_values=-100)
-              for a in arrays]
-    return np.concatenate(padded)
 
 
 class Trainer:
@@ -346,7 +272,8 @@ class Trainer:
             raise ValueError(f"TrainingArguments.metric_for_best_model {args.metric_for_best_model!r}: evaluate() "
                              f"gave no {key!r} (it gave {sorted(metrics)})")
         tok = self.processing_class
-        tok = tok if getattr(type(tok), "type_name", None) in TOKENIZERS else CharTokenizer("")
+        tok = (WordPieceStream(tok) if isinstance(tok, WordPieceTokenizer)
+               else tok if getattr(type(tok), "type_name", None) in TOKENIZERS else CharTokenizer(""))
         config = getattr(getattr(self.model, "config", None), "to_dict", lambda: None)()
         meta = {"model": "trainer", "model_class": type(self.model).__name__, "model_config": config,
                 "training_args": dataclasses.asdict(args),

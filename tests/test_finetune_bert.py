@@ -1,0 +1,117 @@
+"""`npformer finetune` on a BERT: from an npformer `pretrain --model bert` run or an HF directory, for
+sentiment and question answering, through the Trainer; its output directory and the errors it gives."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from npformer import cli
+from npformer.training.checkpoint import load_checkpoint
+from npformer.training.finetune import FinetuneConfig, finetune
+from npformer.training.finetune_bert import is_bert
+from npformer.training.pretrain import pretrain
+from tests.test_pretrain import quiet, tiny
+
+pytest.importorskip("safetensors.numpy")           # the fine-tuned model is saved as an HF directory
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    """A tiny BERT pretrained for 4 steps on the toy language (block size 96: QA rows fit)."""
+    from npformer.data import default_corpus
+    tmp = tmp_path_factory.mktemp("bert")
+    data = tmp / "data.txt"
+    data.write_text(default_corpus(20_000, 2_000)[0], encoding="utf-8")
+    pretrain(tiny(tmp, "run", model="bert", vocab_size=300, block_size=96, max_iters=4, data=str(data)), log=quiet)
+    return str(tmp / "run")
+
+
+def run(tmp_path, ckpt, task, **kw):
+    cfg = FinetuneConfig(ckpt=ckpt, task=task, out=str(tmp_path / "ft"), max_iters=3, batch_size=8,
+                         eval_batch_size=200, device="cpu", **kw)
+    lines = []
+    return finetune(cfg, log=lines.append), lines
+
+
+def test_sentiment_from_an_npformer_bert_run(tmp_path, bert_run):
+    summary, lines = run(tmp_path, bert_run, "sentiment")
+    assert lines[0].startswith("loaded ") and "new (drawn with seed 0): bert.pooler.*, classifier.*" in lines[0]
+    assert "not used: cls.predictions.*" in lines[0]
+    assert summary["steps"] == 3 and 0 <= summary["test_accuracy"] <= 1 and summary["n_test"] == 1000
+    results = json.load(open(tmp_path / "ft" / "results.json", encoding="utf-8"))
+    assert results["test_accuracy"] == summary["test_accuracy"]
+    # the best model is an HF directory that loads back with the same weights as the best checkpoint
+    from npformer.interop import from_pretrained
+    model, tok = from_pretrained(summary["model_dir"], with_tokenizer=True)
+    best = load_checkpoint(summary["best_checkpoint"]).model_state
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(v), best[k], err_msg=k)
+    assert tok.vocab_tokens == load_checkpoint(bert_run).tokenizer.wordpiece.vocab_tokens
+
+
+def test_a_frozen_encoder_keeps_its_pretrained_weights(tmp_path, bert_run):
+    summary, _ = run(tmp_path, bert_run, "sentiment", freeze=True)
+    tuned = load_checkpoint(summary["best_checkpoint"]).model_state
+    pretrained = load_checkpoint(bert_run).model_state
+    encoder = [k for k in tuned if k.startswith(("bert.embeddings.", "bert.encoder."))]
+    assert encoder and all(np.array_equal(tuned[k], pretrained[k]) for k in encoder)
+    assert summary["trainable"] == sum(tuned[k].size for k in tuned if k not in encoder)
+
+
+def test_from_scratch_differs_from_pretrained_only_in_the_initial_weights(tmp_path, bert_run):
+    scratch, lines = run(tmp_path, bert_run, "sentiment", from_scratch=True)
+    assert scratch["init"] == "scratch" and any("BERT scratch full fine-tuning" in line for line in lines)
+    encoder = load_checkpoint(scratch["best_checkpoint"]).model_state["bert.embeddings.word_embeddings.weight"]
+    assert not np.allclose(encoder, load_checkpoint(bert_run).model_state["bert.embeddings.word_embeddings.weight"],
+                           atol=1e-2)
+
+
+def test_question_answering_reports_exact_match_and_f1(tmp_path, bert_run, capsys):
+    out = str(tmp_path / "qa")
+    assert cli.main(["finetune", "--ckpt", bert_run, "--task", "qa", "--out", out, "--max-iters", "2",
+                     "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "test exact match: " in printed and "(1000 questions)" in printed
+    results = json.load(open(f"{out}/results.json", encoding="utf-8"))
+    assert 0 <= results["test_exact_match"] <= 100 and results["test_f1"] >= results["test_exact_match"]
+
+
+def test_an_hf_directory_fine_tunes_too(tmp_path, bert_run):
+    """A masked-LM HF directory (what transformers' save_pretrained writes) as --ckpt: the head is new, and
+    from_pretrained's warning says so."""
+    from npformer.interop import save_pretrained
+    from npformer.models import BertConfig, BertForMaskedLM
+    ckpt = load_checkpoint(bert_run)
+    mlm = BertForMaskedLM(BertConfig(**ckpt.meta["model_config"]), dtype=np.float32)
+    mlm.load_state_dict(ckpt.model_state)
+    hf = str(tmp_path / "hf")
+    save_pretrained(mlm, hf, tokenizer=ckpt.tokenizer.wordpiece)
+    assert is_bert(hf) and is_bert(bert_run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary, _ = run(tmp_path, hf, "qa")
+    assert any("qa_outputs" in str(w.message) for w in caught)
+    assert summary["n_test"] == 1000
+
+
+def test_bad_requests_are_refused_with_the_reason(tmp_path, bert_run, capsys):
+    gpt = tiny(tmp_path, "gpt")
+    pretrain(gpt, log=quiet)
+    assert not is_bert(gpt.out)
+    rc = cli.main(["finetune", "--ckpt", gpt.out, "--task", "qa", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--task qa needs a BERT checkpoint" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--resume: BERT fine-tuning runs through the Trainer.*does not resume"):
+        run(tmp_path, bert_run, "sentiment", resume=True)
+
+
+def test_a_context_cut_by_the_position_table_is_an_error_naming_the_example(tmp_path):
+    """QA rows longer than max_position_embeddings are truncated; an answer cut off is an error."""
+    from npformer.data import default_corpus
+    data = tmp_path / "data.txt"
+    data.write_text(default_corpus(20_000, 2_000)[0], encoding="utf-8")
+    pretrain(tiny(tmp_path, "short", model="bert", vocab_size=300, block_size=24, max_iters=3, data=str(data)),
+             log=quiet)
+    with pytest.raises(ValueError, match=r"train-\d+.*answer.*max_length"):
+        run(tmp_path, str(tmp_path / "short"), "qa")
