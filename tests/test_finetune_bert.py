@@ -115,3 +115,25 @@ def test_a_context_cut_by_the_position_table_is_an_error_naming_the_example(tmp_
              log=quiet)
     with pytest.raises(ValueError, match=r"train-\d+.*answer.*max_length"):
         run(tmp_path, str(tmp_path / "short"), "qa")
+
+
+def test_answer_questions_returns_spans_of_the_contexts(tmp_path, bert_run):
+    from npformer.data.qa import qa_splits
+    from npformer.data.qa_features import answer_questions, best_spans, qa_features
+    from npformer.interop import from_pretrained
+    summary, _ = run(tmp_path, bert_run, "qa")
+    model, tok = from_pretrained(summary["model_dir"], with_tokenizer=True)
+    examples = qa_splits(8, 2, 2, seed=3)["train"]
+    questions, contexts = [e["question"] for e in examples], [e["context"] for e in examples]
+    answers = answer_questions(model, tok, questions, contexts)
+    assert len(answers) == 8 and all(a and a in c for a, c in zip(answers, contexts))
+    # the same spans as scoring the labelled features: the labels change nothing in the inputs
+    features = qa_features(tok, examples, model.config.max_position_embeddings)
+    out = model(features["input_ids"], features["attention_mask"], features["token_type_ids"])
+    spans = best_spans(out.start_logits.data, out.end_logits.data, features)
+    assert answers == [c[a:b] for c, (a, b) in zip(contexts, spans)]
+    assert model.training is False
+    with pytest.raises(ValueError, match=r"example question 0: its context has \d+ tokens, but max_length=20"):
+        answer_questions(model, tok, questions[:1], contexts[:1], max_length=20)
+    with pytest.raises(ValueError, match="lists of str of the same length"):
+        answer_questions(model, tok, questions, contexts[:1])

@@ -71,7 +71,8 @@ def qa_features(tokenizer, examples, max_length: int, padding: str = "longest") 
     context and (-1, -1) for [CLS], the question, [SEP] and [PAD]. L is the longest row (padding
     "longest") or max_length ("max_length"). The context is cut to fit max_length; ValueError if
     that cuts into the answer, if the question alone does not fit, or if the answer is not where
-    answer_start says.
+    answer_start says. An example without "answer_text" (a question to answer) gets positions 0
+    ([CLS]) and is never cut: a context that does not fit is a ValueError.
     """
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 4:
         raise ValueError(f"qa_features: max_length must be an int >= 4, got {max_length!r}")
@@ -80,10 +81,10 @@ def qa_features(tokenizer, examples, max_length: int, padding: str = "longest") 
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     rows = []
     for ex in examples:
-        name, context = ex.get("id", "?"), ex["context"]
-        a0 = int(ex["answer_start"])
-        a1 = a0 + len(ex["answer_text"])
-        if not ex["answer_text"].strip() or context[a0:a1] != ex["answer_text"]:
+        name, context, labelled = ex.get("id", "?"), ex["context"], "answer_text" in ex
+        a0 = int(ex["answer_start"]) if labelled else 0
+        a1 = a0 + len(ex["answer_text"]) if labelled else len(context)
+        if labelled and (not ex["answer_text"].strip() or context[a0:a1] != ex["answer_text"]):
             raise ValueError(f"example {name}: answer {ex['answer_text']!r} is not at character {a0} "
                              f"of its context")
         question = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(ex["question"]))
@@ -93,6 +94,9 @@ def qa_features(tokenizer, examples, max_length: int, padding: str = "longest") 
                              f"[CLS] and two [SEP] it leaves no context in max_length={max_length}")
         tokens, offsets = token_offsets(tokenizer, context)
         inside = [i for i, (s, e) in enumerate(offsets) if s < a1 and e > a0]
+        if not labelled and len(tokens) > room:
+            raise ValueError(f"example {name}: its context has {len(tokens)} tokens, but max_length={max_length} "
+                             f"keeps {room} after the question; shorten the context")
         if not inside:
             raise ValueError(f"example {name}: no token of its context covers the answer {ex['answer_text']!r}")
         if inside[-1] >= room:
@@ -105,7 +109,8 @@ def qa_features(tokenizer, examples, max_length: int, padding: str = "longest") 
             "input_ids": [cls, *question, sep, *tokenizer.convert_tokens_to_ids(tokens), sep],
             "token_type_ids": [0] * head + [1] * (len(tokens) + 1),
             "offsets": [(-1, -1)] * head + offsets + [(-1, -1)],
-            "start_positions": head + inside[0], "end_positions": head + inside[-1]})
+            "start_positions": head + inside[0] if labelled else 0,
+            "end_positions": head + inside[-1] if labelled else 0})
     L = max_length if padding == "max_length" else max((len(r["input_ids"]) for r in rows), default=0)
     N = len(rows)
     out = {"input_ids": np.full((N, L), tokenizer.pad_token_id, dtype=np.int64),
@@ -161,3 +166,23 @@ def best_spans(start_logits, end_logits, features: dict, max_answer_tokens: int 
                 raise ValueError(f"best_spans: row {lo + n} has no context token")
             spans.append((int(offsets[lo + n, si, 0]), int(offsets[lo + n, ei, 1])))
     return spans
+
+
+def answer_questions(model, tokenizer, questions, contexts, max_length: int = None,
+                     max_answer_tokens: int = 30) -> list:
+    """The answers (str, spans of their contexts) of a BertForQuestionAnswering to questions[i] about
+    contexts[i]. max_length: None takes the model's max_position_embeddings; a context longer than
+    that leaves is a ValueError (never cut short silently)."""
+    from ..autograd import no_grad
+    if isinstance(questions, str) or isinstance(contexts, str) or len(questions) != len(contexts):
+        raise ValueError("answer_questions: questions and contexts must be lists of str of the same length")
+    examples = [{"id": f"question {i}", "question": q, "context": c} for i, (q, c) in enumerate(zip(questions, contexts))]
+    features = qa_features(tokenizer, examples, max_length or model.config.max_position_embeddings)
+    was_training = model.training
+    try:
+        with no_grad():
+            out = model.eval()(features["input_ids"], features["attention_mask"], features["token_type_ids"])
+    finally:
+        model.train(was_training)
+    spans = best_spans(out.start_logits.data, out.end_logits.data, features, max_answer_tokens)
+    return [c[a:b] for c, (a, b) in zip(contexts, spans)]
