@@ -137,3 +137,50 @@ def test_context_floor_does_not_grow_with_the_block_size(monkeypatch):
                                                        rel=1e-12)
     assert lang.context_floor(100) == pytest.approx(windowed(lang, 100).mean(), rel=1e-12)   # exact when short
     assert asked == [256, 100]
+
+
+def _posterior_by_whole_text(lang, pieces, t):
+    """P(token t = w | every other token), w as WordPiece sees it, by the likelihood of the whole text
+    with each candidate spliced in (parse + probs: independent of masked_floor's sentence walk)."""
+    states, _ = lang.parse("".join(pieces))
+    like = {}
+    for cand in lang.tokens[states[t]]:
+        text = "".join(pieces[:t] + [cand] + pieces[t + 1:])
+        try:
+            s, j = lang.parse(text)
+        except ValueError:
+            continue
+        if len(s) != len(pieces):
+            continue
+        key = cand.strip().lower()
+        like[key] = like.get(key, 0.0) + math.exp(sum(math.log(lang.probs[a][b]) for a, b in zip(s, j)))
+    total = sum(like.values())
+    return {k: v / total for k, v in like.items()}
+
+
+def test_masked_floor_is_the_true_posterior_averaged(lang):
+    text = lang.generate(400, seed=5)
+    states, picks = lang.parse(text)
+    pieces = [lang.tokens[s][j] for s, j in zip(states.tolist(), picks.tolist())]
+    last_end = max(i for i, p in enumerate(pieces) if p.strip() == ".")
+    cut = "".join(pieces[:last_end + 1])                     # whole sentences only
+    # masked_floor over `cut`: generate() is seeded, so rebuild the same tokens through it
+    n = len(cut)
+    expected = []
+    for t in range(last_end + 1):
+        nxt_end = [i for i in range(t + 1, len(pieces)) if pieces[i].strip() == "."]
+        if not nxt_end:
+            break
+        post = _posterior_by_whole_text(lang, pieces, t)
+        expected.append(-math.log(post[pieces[t].strip().lower()]))
+    got = lang.masked_floor(n, seed=5)
+    # masked_floor(n, seed) scores the tokens of generate(n, seed), which has a sentence end after each
+    # token scored here; both average the same positions
+    assert got == pytest.approx(float(np.mean(expected)), rel=1e-9)
+
+
+def test_masked_floor_lies_below_the_next_token_floor(lang):
+    masked = lang.masked_floor(20_000, seed=1)
+    per_token = lang.entropy_rate() * 20_000 / len(lang.parse(lang.generate(20_000, seed=1))[0])
+    assert 1.2 < masked < per_token - 0.4                   # both sides of a word tell much more than one
+    assert lang.masked_floor(20_000, seed=1) == masked      # seeded

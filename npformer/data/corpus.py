@@ -325,6 +325,47 @@ class ToyLanguage:
         head = self.windowed_loss(n)
         return float((head.sum() + (block_size - n) * self.entropy_rate()) / block_size)
 
+    def masked_floor(self, n_chars: int = 50_000, seed: int = 1) -> float:
+        """The best achievable loss (nats/token) of predicting one hidden token from all the others,
+        over every token of n_chars of text drawn with `seed`: a lower bound of a masked LM's loss.
+
+        Tokens are counted as WordPiece sees them: lower case, ". " and ".\\n" the one token ".". The
+        true posterior of the hidden token t, in state s_t, is P(w | s_t) P(tokens after t | next(s_t, w))
+        normalised over the candidates w of s_t; the tokens after t are parsed from each candidate's next
+        state up to the end of the sentence after t (the start state, where every candidate's path meets
+        again, so the rest of the text cancels). The last sentence, with no end after it, is left out.
+        A masked LM sees 15% of its context masked or replaced as well, so its floor lies above this.
+        """
+        table = []                              # per state: {token as WordPiece sees it: (P, next state)}
+        for s in range(len(self.states)):
+            merged = {}
+            for tok, p, nxt in zip(self.tokens[s], self.probs[s].tolist(), self.next_state[s]):
+                key = tok.strip().lower()
+                merged[key] = (merged.get(key, (0.0, nxt))[0] + p, nxt)
+            table.append(merged)
+        states, picks = self.parse(self.generate(n_chars, seed))
+        words = [self.tokens[s][j].strip().lower() for s, j in zip(states.tolist(), picks.tolist())]
+        ends = [i for i, w in enumerate(words) if w == "."]
+        nats, count, e = 0.0, 0, 0
+        for t, s in enumerate(states.tolist()):
+            while e < len(ends) and ends[e] <= t:
+                e += 1
+            if e == len(ends):
+                break
+            rest = words[t + 1:ends[e] + 1]     # to the end of the sentence after t
+            like = {}
+            for w, (p, nxt) in table[s].items():
+                for r in rest:
+                    hit = table[nxt].get(r)
+                    if hit is None:
+                        p = 0.0
+                        break
+                    p, nxt = p * hit[0], hit[1]
+                like[w] = p
+            nats -= math.log(like[words[t]] / sum(like.values()))
+            count += 1
+        return nats / count
+
 
 def default_corpus(n_train: int = 1_000_000, n_val: int = 100_000) -> tuple:
     """(train, val) texts for `npformer pretrain`: ToyLanguage(seed=0) sampled with seeds 1 and 2.
