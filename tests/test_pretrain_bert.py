@@ -179,3 +179,14 @@ def test_wordpiece_stream_errors_name_the_problem(tmp_path):
         json.dump(obj, f)
     with pytest.raises(ValueError, match="'options' object with keys among"):
         load_tokenizer(path)
+
+
+def test_on_the_built_in_language_the_masked_token_floor_is_reported(tmp_path, capsys):
+    from npformer.data import ToyLanguage
+    lines = []
+    summary = pretrain(bert(tmp_path, data=None, max_iters=4, eval_interval=4, eval_iters=1), log=lines.append)
+    floor = ToyLanguage(seed=0).masked_floor()
+    assert summary["masked_floor"] == floor and summary["entropy_floor"] is None
+    assert f"masked-token floor {floor:.4f} nats/token" in lines[1] and lines[1].startswith("model: bert")
+    gap = 100 * (summary["val_loss"] / floor - 1)
+    assert f"(floor {floor:.4f}, gap {gap:.1f}%)" in capsys.readouterr().err
