@@ -184,3 +184,15 @@ def test_masked_floor_lies_below_the_next_token_floor(lang):
     per_token = lang.entropy_rate() * 20_000 / len(lang.parse(lang.generate(20_000, seed=1))[0])
     assert 1.2 < masked < per_token - 0.4                   # both sides of a word tell much more than one
     assert lang.masked_floor(20_000, seed=1) == masked      # seeded
+
+
+def test_token_entropy_is_the_rate_times_characters_per_token(lang):
+    pi = lang.stationary()
+    _, L = lang.state_entropies()
+    assert lang.token_entropy() == pytest.approx(lang.entropy_rate() * float(pi @ L), rel=1e-12)
+    # merging ". " and ".\n" removes exactly the line-break choice: H(newline_prob) per sentence end
+    p = lang.newline_prob
+    h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    ends = sum(pi[s] * sum(q for t, q in zip(lang.tokens[s], lang.probs[s]) if t.strip() == ".")
+               for s in range(len(lang.states)))
+    assert lang.token_entropy() - lang.token_entropy(as_wordpiece=True) == pytest.approx(h * ends, rel=1e-9)

@@ -186,7 +186,22 @@ def test_on_the_built_in_language_the_masked_token_floor_is_reported(tmp_path, c
     lines = []
     summary = pretrain(bert(tmp_path, data=None, max_iters=4, eval_interval=4, eval_iters=1), log=lines.append)
     floor = ToyLanguage(seed=0).masked_floor()
-    assert summary["masked_floor"] == floor and summary["entropy_floor"] is None
+    assert summary["token_floor"] == floor and summary["entropy_floor"] is None
     assert f"masked-token floor {floor:.4f} nats/token" in lines[1] and lines[1].startswith("model: bert")
     gap = 100 * (summary["val_loss"] / floor - 1)
     assert f"(floor {floor:.4f}, gap {gap:.1f}%)" in capsys.readouterr().err
+
+
+def test_a_gpt_on_wordpiece_tokens_is_measured_against_their_own_floor(tmp_path, capsys):
+    """WordPiece drops the line breaks, whose choice the per-character rate counts: the gap is taken
+    per token against the entropy of the tokens WordPiece keeps (never a negative gap by construction)."""
+    from npformer.data import ToyLanguage
+    lines = []
+    summary = pretrain(tiny(tmp_path, tokenizer="wordpiece", vocab_size=300, data=None, max_iters=4, eval_interval=4,
+                            eval_iters=1), log=lines.append)
+    lang = ToyLanguage(seed=0)
+    floor = lang.token_entropy(as_wordpiece=True)
+    assert lang.token_entropy() - 0.06 < floor < lang.token_entropy() - 0.03        # the line break's share
+    assert summary["token_floor"] == floor and summary["entropy_floor"] is None
+    assert f"entropy floor {floor:.4f} nats/token" in lines[1]
+    assert f"(floor {floor:.4f}, gap {100 * (summary['val_loss'] / floor - 1):.1f}%)" in capsys.readouterr().err

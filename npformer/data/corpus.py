@@ -325,6 +325,19 @@ class ToyLanguage:
         head = self.windowed_loss(n)
         return float((head.sum() + (block_size - n) * self.entropy_rate()) / block_size)
 
+    def token_entropy(self, as_wordpiece: bool = False) -> float:
+        """The entropy rate in nats per token, sum(pi H); as_wordpiece: of the tokens as WordPiece sees
+        them (lower case, ". " and ".\\n" the one token "."), which loses the choice of line break."""
+        H = []
+        for toks, probs in zip(self.tokens, self.probs):
+            merged = {}
+            for tok, p in zip(toks, probs.tolist()):
+                key = tok.strip().lower() if as_wordpiece else tok
+                merged[key] = merged.get(key, 0.0) + p
+            q = np.array(list(merged.values()))
+            H.append(-(q * np.log(q)).sum())
+        return float(self.stationary() @ np.array(H))
+
     def masked_floor(self, n_chars: int = 50_000, seed: int = 1) -> float:
         """The best achievable loss (nats/token) of predicting one hidden token from all the others,
         over every token of n_chars of text drawn with `seed`: a lower bound of a masked LM's loss.

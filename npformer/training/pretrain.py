@@ -276,15 +276,18 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     context_floor = None
     if floor is not None and cfg.tokenizer == "char" and cfg.model == "gpt":
         context_floor = ToyLanguage(seed=0).context_floor(cfg.block_size)
-    # the entropy rate bounds next-token prediction; a masked LM's loss has its own floor (per token)
-    masked_floor = ToyLanguage(seed=0).masked_floor() if floor is not None and cfg.model == "bert" else None
-    floor = floor if cfg.model == "gpt" else None
+    # per-token floors where the loss is not next-character prediction of the text itself: a masked LM's
+    # (one hidden token), and WordPiece's tokens (no case, no line breaks) for a GPT
+    token_floor = None if floor is None or cfg.tokenizer != "wordpiece" else (
+        ToyLanguage(seed=0).masked_floor() if cfg.model == "bert" else ToyLanguage(seed=0).token_entropy(True))
+    floor = None if token_floor else floor
     log(f"model: {cfg.model} {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"device {cfg.device}" + (f" ({cfg.workers} worker{'s' * (cfg.workers != 1)})" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
         + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else "")
-        + (f"; masked-token floor {masked_floor:.4f} nats/token" if masked_floor else "")
+        + (f"; {'masked-token' if cfg.model == 'bert' else 'entropy'} floor {token_floor:.4f} nats/token"
+           if token_floor else "")
         + f"; memory: about {format_bytes(estimate.peak_bytes)} at peak")
 
     def save(at_step):
@@ -348,7 +351,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                         record.update(train_accuracy=tr["accuracy"], val_accuracy=val_accuracy)
                     append_metrics(metrics_path, record)
                     gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
-                    gap = f" (floor {masked_floor:.4f}, gap {100 * (val_loss / masked_floor - 1):.1f}%)" if masked_floor else gap
+                    gap = f" (floor {token_floor:.4f}, gap {100 * (val_loss / token_floor - 1):.1f}%)" if token_floor else gap
                     acc = "" if val_accuracy is None else f"; masked tokens right: train {tr['accuracy']:.1%}, val {val_accuracy:.1%}"
                     bar.message(f"step {step}: train {tr['loss']:.4f}, val {val_loss:.4f}{gap}{acc}")
                     save(step)
@@ -364,13 +367,13 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 workers.close()
 
     summary = {"model": cfg.model, "step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
-               "best_val": best_val, "entropy_floor": floor, "masked_floor": masked_floor,
+               "best_val": best_val, "entropy_floor": floor, "token_floor": token_floor,
                "context_floor": context_floor,
                "ms_per_iter": 1000 * train_seconds / steps_run if steps_run else None,
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
     if floor and val_loss is not None:
         summary["gap_percent"] = 100 * (summary["val_loss_per_char"] / floor - 1)
-    plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor or masked_floor, log)
+    plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor or token_floor, log)
     objective.show(val_text, log)
     summary["seconds"] = time.perf_counter() - t_start
     log(f"done in {format_seconds(summary['seconds'])}: "
