@@ -11,7 +11,7 @@ Each row runs in a fresh interpreter (tests/test_memory.py runs the same `--meas
   model is built) less its resident set then, plus each forked worker's peak private memory
   (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, sampled every ~2 ms, or its VmHWM
   growth since the fork when larger). Compared with MemoryEstimate.train_bytes.
-- eval: the model built first, then the peak growth of npformer.training.pretrain.evaluate
+- eval: the model built first, then the peak growth of the evaluation (npformer.training.objectives.CausalLM)
   (`steps` batches, each in pieces of a training shard's rows, under no_grad) on random ids.
   Compared with MemoryEstimate.eval_bytes.
 """
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 ROWS = [
     # name, mode, settings (PretrainConfig fields and vocab_size)
@@ -87,7 +88,8 @@ def measure(settings: dict, mode: str = "train", steps: int = 3) -> dict:
     from npformer.models.gpt import GPT, GPTConfig
     from npformer.optim import AdamW, clip_grad_norm, weight_decay_groups
     from npformer.training import memory, parallel, workers as shard_workers
-    from npformer.training.pretrain import PretrainConfig, evaluate
+    from npformer.training.objectives import CausalLM
+    from npformer.training.pretrain import PretrainConfig
 
     settings = dict(settings)
     V = settings.pop("vocab_size")
@@ -112,10 +114,10 @@ def measure(settings: dict, mode: str = "train", steps: int = 3) -> dict:
         return _status_kb("self", "VmRSS")
 
     if mode == "eval":
-        model = GPT(mcfg, generator=np.random.default_rng(cfg.seed), device="cpu")
+        objective = CausalLM(dataclasses.replace(cfg, eval_iters=steps), SimpleNamespace(vocab_size=V))
         corpus = np.random.default_rng(1).integers(0, V, size=cfg.batch_size * (cfg.block_size + 1) * 4)
         base = reset_peak()
-        evaluate(model, corpus, dataclasses.replace(cfg, eval_iters=steps), seed=0)
+        objective.evaluate(corpus, seed=0)
         return {"measured": 1024 * (_status_kb("self", "VmHWM") - base), "estimate": est.eval_bytes,
                 "parts": est.parts}
 

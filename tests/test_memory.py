@@ -77,7 +77,7 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(measured, name):
     (forward/backward over the shards, clip_grad_norm, AdamW, zero_grad): the main process's
     VmHWM less its VmRSS right before the model is built, plus each forked worker's peak
     private memory. eval: eval_bytes against the main process's peak growth while
-    pretrain.evaluate runs (pieces of a shard's rows under no_grad), after the model is built.
+    the evaluation (objectives.CausalLM.evaluate) runs (pieces of a shard's rows under no_grad), after the model is built.
     """
     mode, settings = MEASURED[name]
     if settings["workers"] > 1 and not shard_workers.available():

@@ -57,7 +57,7 @@ together hold the sum over k. Beside the activations:
         (Python's reference counts write to every object a worker touches),
     data: what the caller says it allocates after the reading (the encoded corpus).
 
-Evaluation (pretrain.evaluate) runs under no_grad in the main process, in pieces of at most
+Evaluation (objectives.py: evaluate) runs under no_grad in the main process, in pieces of at most
 rows_0 rows (as many pieces as shards): nothing is kept, and its peak is the largest live
 set of one forward,
 
