@@ -164,7 +164,7 @@ def test_bpe_bad_files(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"type": "wordpiece", "version": 1}', "unknown tokenizer type 'wordpiece'"),
+    ('{"type": "sentencepiece", "version": 1}', "unknown tokenizer type 'sentencepiece'"),
     ('{"type": "char", "version": 2, "chars": ["a"]}', "version 2 is not supported"),
     ('{"type": "char", "version": 1, "chars": ["b", "a"]}', "sorted"),
     ('{"type": "char", "version": 1, "chars": ["ab"]}', "single characters"),
