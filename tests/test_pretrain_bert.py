@@ -205,3 +205,21 @@ def test_a_gpt_on_wordpiece_tokens_is_measured_against_their_own_floor(tmp_path,
     assert summary["token_floor"] == floor and summary["entropy_floor"] is None
     assert f"entropy floor {floor:.4f} nats/token" in lines[1]
     assert f"(floor {floor:.4f}, gap {100 * (summary['val_loss'] / floor - 1):.1f}%)" in capsys.readouterr().err
+
+
+def test_bert_resumes_on_longer_blocks_within_its_position_table(tmp_path):
+    """BERT's schedule: short blocks first (attention learns its neighbours quickly there), then longer
+    ones; the position table (--max-positions) is fixed by the first run, the block size may grow."""
+    from npformer.training.checkpoint import CheckpointError
+    pretrain(bert(tmp_path, block_size=10, max_positions=18, max_iters=6, lr_decay_iters=12), log=quiet)
+    assert BertConfig(**load_checkpoint(str(tmp_path / "run")).meta["model_config"]).max_position_embeddings == 18
+    lines = []
+    summary = pretrain(bert(tmp_path, block_size=18, resume=True), log=lines.append)
+    assert any("the blocks change from 10 to 18 tokens (the position table has 18)" in line for line in lines)
+    assert summary["step"] == 12 and np.isfinite(summary["val_loss"])
+    with pytest.raises(CheckpointError, match=r"max_positions \(checkpoint 18, now 24\)"):
+        pretrain(bert(tmp_path, block_size=18, max_positions=24, max_iters=14, resume=True), log=quiet)
+    with pytest.raises(ValueError, match=r"--max-positions must be an integer >= --block-size \(20\)"):
+        pretrain(bert(tmp_path, "c", block_size=20, max_positions=18), log=quiet)
+    with pytest.raises(ValueError, match="--max-positions is a BERT option"):
+        pretrain(tiny(tmp_path, "d", max_positions=32), log=quiet)

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads per block")
     g.add_argument("--n-embd", type=int, default=d.n_embd, help="model width (embedding size)")
     g.add_argument("--block-size", type=int, default=d.block_size, help="context length in tokens")
+    g.add_argument("--max-positions", type=int, default=d.max_positions,
+                   help="bert: rows of the position table (None: --block-size); larger lets a --resume "
+                        "continue on longer blocks, as BERT trains short sequences first")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability (0 disables)")
     g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in Linear and LayerNorm")
     g = p.add_argument_group("optimisation")

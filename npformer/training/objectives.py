@@ -144,7 +144,7 @@ class MaskedLM(CausalLM):
         self.config = BertConfig(vocab_size=tok.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
                                  num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd,
                                  hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                                 max_position_embeddings=cfg.block_size, pad_token_id=wp.pad_token_id)
+                                 max_position_embeddings=cfg.max_positions, pad_token_id=wp.pad_token_id)
         self.saved = BertForMaskedLM(self.config, generator=np.random.default_rng(cfg.seed), device=cfg.device)
         self.model = _MaskedLMStep(self.saved)
         self.special = (wp.cls_token_id, wp.sep_token_id, wp.pad_token_id)

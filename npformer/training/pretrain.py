@@ -73,6 +73,7 @@ class PretrainConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 128
+    max_positions: int = None           # bert: the position table (None: block_size); --resume may lengthen blocks
     batch_size: int = 16
     max_iters: int = 1000
     lr: float = 2e-3
@@ -142,6 +143,10 @@ class PretrainConfig:
                                            f"tokens); got --tokenizer {tokenizer}")
             need(self.bias, "--no-bias is a GPT option: BERT's layers always have biases")
             need(self.block_size >= 3, f"--block-size must be >= 3 for bert ([CLS], a token, [SEP]); got {self.block_size}")
+        need(self.max_positions is None or self.model == "bert",
+             "--max-positions is a BERT option (a GPT's position table is --block-size)")
+        need(self.max_positions is None or (isinstance(self.max_positions, int) and self.max_positions >= self.block_size),
+             f"--max-positions must be an integer >= --block-size ({self.block_size}); got {self.max_positions}")
         need(self.samples >= 0 and self.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0")
         device = self.device or backend.default_device()
         for name in ("workers", "shards"):      # None: npformer's choice
@@ -155,7 +160,8 @@ class PretrainConfig:
         workers = parallel.default_threads(device) if t is None else t
         data = None if self.data is None else os.path.abspath(self.data)      # resumable from any directory
         return dataclasses.replace(self, warmup_iters=warmup, lr_decay_iters=decay, device=device, workers=workers,
-                                   data=data, tokenizer=tokenizer)
+                                   data=data, tokenizer=tokenizer,
+                                   max_positions=self.max_positions or (self.block_size if self.model == "bert" else None))
 
 
 def _load_corpus(cfg: PretrainConfig):
@@ -228,7 +234,14 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 cfg = dataclasses.replace(cfg, **{name: saved[name]})
         cfg = cfg.checked()
         # the data is compared by its fingerprint below, wherever the file is now
-        check_resumable(cfg, ckpt, "pretrain_config", MODEL_FIELDS + ("tokenizer", "seed", "batch_size"))
+        fields = MODEL_FIELDS + ("tokenizer", "seed", "batch_size")
+        if cfg.model == "bert":             # BERT's recipe: short blocks first, longer ones later
+            fields = tuple(f for f in fields if f != "block_size") + ("max_positions",)
+        check_resumable(cfg, ckpt, "pretrain_config", fields)
+        was = saved.get("block_size")
+        if was is not None and was != cfg.block_size:
+            log(f"note: the blocks change from {was} to {cfg.block_size} tokens (the position table has "
+                f"{cfg.max_positions}): the run goes on with other rows, as BERT's short-then-long schedule does")
 
     train_text, val_text, floor, fingerprint = _load_corpus(cfg)
     if ckpt:
