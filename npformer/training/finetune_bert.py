@@ -147,7 +147,8 @@ def finetune_bert(cfg, log=print) -> dict:
         feats = {k: qa_features.qa_features(tok, v, max_length) for k, v in splits.items()}
         data = {k: {name: f[name] for name in f if name != "offsets"} for k, f in feats.items()}
         scorers = {k: _qa_scorer(feats[k], splits[k]) for k in ("val", "test")}
-    n_train = len(data["train"]) if isinstance(data["train"], list) else len(data["train"]["input_ids"])
+    n_train, n_test = (len(rows) if isinstance(rows, list) else len(rows["input_ids"])
+                       for rows in (data["train"], data["test"]))
     trainable = sum(int(p.size) for p in model.parameters() if p.requires_grad)
     init = "scratch" if cfg.from_scratch else "pretrained"
     log(f"{cfg.task}: BERT {init} {'frozen encoder (probe)' if cfg.freeze else 'full fine-tuning'}, {trainable:,} "
@@ -168,8 +169,8 @@ def finetune_bert(cfg, log=print) -> dict:
     save_pretrained(model.eval(), model_dir, tokenizer=tok)
     key = BEST[cfg.task]
     summary = {"init": init, "freeze": cfg.freeze, "steps": result.global_step, "train_loss": result.training_loss,
-               f"val_{key}": val[f"eval_{key}"], f"test_{key}": test[f"test_{key}"], "n_test": len(splits["test"])
-               if cfg.task == "qa" else len(data["test"]), "trainable": trainable,
+               f"val_{key}": val[f"eval_{key}"], f"test_{key}": test[f"test_{key}"], "n_test": n_test,
+               "trainable": trainable,
                "best_checkpoint": trainer.state.best_model_checkpoint, "model_dir": model_dir, "out": cfg.out}
     if cfg.task == "qa":
         summary.update(val_f1=val["eval_f1"], test_f1=test["test_f1"])
