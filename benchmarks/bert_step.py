@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_step import timed  # noqa: E402
+from train_step import interleaved  # noqa: E402
 
 CONFIGS = {
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -162,10 +162,7 @@ def main():
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
-    times = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for k, fn in steps.items():
-            times[k].append(timed(fn, args.steps))
+    times = interleaved(steps, args.rounds, args.steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     print("load average (1 min) before / after timing: %.1f / %.1f" % (load0, os.getloadavg()[0]))
     mem = {} if args.no_memory else {k: peak_memory_mb(name, k, args.threads, args.shards) for k in steps}

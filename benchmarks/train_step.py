@@ -92,6 +92,15 @@ def timed(fn, k):
     return (time.perf_counter() - t) / k * 1000
 
 
+def interleaved(steps: dict, rounds: int, k: int) -> dict:
+    """{name: [ms/step of each round]}: `rounds` rounds of k steps of each framework, one after another."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            times[name].append(timed(fn, k))
+    return times
+
+
 def _pss_mb(pids):
     """Proportional set size (MB) of these processes together: shared pages are counted once."""
     total = 0
@@ -153,10 +162,7 @@ def main():
         for fn in steps.values():          # warm-up
             for _ in range(2):
                 fn()
-        times = {k: [] for k in steps}
-        for _ in range(args.rounds):
-            for k, fn in steps.items():
-                times[k].append(timed(fn, args.steps))
+        times = interleaved(steps, args.rounds, args.steps)
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {} if args.no_memory else {k: peak_memory_mb(name, k, args.threads, args.shards) for k in steps}
         for k in steps:
