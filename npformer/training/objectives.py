@@ -91,8 +91,9 @@ class CausalLM:
         was_training = model.training
         model.eval()
         total = correct = count = 0.0
+        edges = _pieces(cfg)
         with no_grad():
-            for a, b in zip(_pieces(cfg)[:-1], _pieces(cfg)[1:]):
+            for a, b in zip(edges[:-1], edges[1:]):
                 xs, ys = backend.to_device(x[a:b], cfg.device), backend.to_device(y[a:b], cfg.device)
                 logits, loss = model(xs, ys)
                 n = int((y[a:b] != self.ignore_index).sum())
