@@ -137,3 +137,13 @@ def test_answer_questions_returns_spans_of_the_contexts(tmp_path, bert_run):
         answer_questions(model, tok, questions[:1], contexts[:1], max_length=20)
     with pytest.raises(ValueError, match="lists of str of the same length"):
         answer_questions(model, tok, questions, contexts[:1])
+
+
+def test_more_training_questions_are_scored_on_the_same_test_questions(tmp_path, bert_run, capsys):
+    summary, lines = run(tmp_path, bert_run, "qa", train_examples=600)
+    assert "600 train examples" in lines[1]
+    with pytest.raises(ValueError, match="--train-examples is a positive integer for --task qa; got 600 for --task "
+                                         "sentiment"):
+        run(tmp_path, bert_run, "sentiment", train_examples=600)
+    with pytest.raises(ValueError, match="--train-examples is a positive integer for --task qa; got 0"):
+        run(tmp_path, bert_run, "qa", train_examples=0)

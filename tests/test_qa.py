@@ -95,7 +95,7 @@ def test_splits_are_seeded_and_disjoint(splits):
     assert qa_splits(**SMALL, seed=1)["train"] != splits["train"]
     assert [len(splits[k]) for k in ("train", "val", "test")] == [600, 100, 300]
     ids = [ex["id"] for ex in all_examples(splits)]
-    assert len(set(ids)) == len(ids) and splits["val"][7]["id"] == "val-007"
+    assert len(set(ids)) == len(ids) and splits["val"][7]["id"] == "val-07"
     contexts = {k: {ex["context"] for ex in v} for k, v in splits.items()}
     pairs = {k: {(ex["question"], ex["context"]) for ex in v} for k, v in splits.items()}
     assert [len(contexts[k]) for k in ("train", "val", "test")] == [600, 100, 300]
@@ -158,3 +158,10 @@ def test_squad_metrics():
     for preds, truths in (([], []), (["a"], ["a", "b"])):
         with pytest.raises(ValueError, match="as many predictions"):
             squad_metrics(preds, truths)
+
+
+def test_the_held_out_splits_do_not_depend_on_the_training_size():
+    small, large = qa_splits(n_train=50, n_val=20, n_test=30, seed=4), qa_splits(n_train=200, n_val=20, n_test=30, seed=4)
+    assert small["test"] == large["test"] and small["val"] == large["val"]
+    assert [e["context"] for e in large["train"][:50]] == [e["context"] for e in small["train"]]
+    assert len(large["train"]) == 200 and large["train"][0]["id"] == "train-000"

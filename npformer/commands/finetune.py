@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
                         "takes the run's own")
     p.add_argument("--task", choices=sorted(set(TASKS) | set(BERT_TASKS)), default=d.task,
                    help="sentiment: classify (GPT or BERT); qa: extractive question answering (BERT)")
+    p.add_argument("--train-examples", type=int, default=d.train_examples,
+                   help="--task qa: training questions (None: 4,000); the validation and test questions stay the same")
     p.add_argument("--freeze", action="store_true", help="train only the classifier head (a linear probe)")
     p.add_argument("--from-scratch", action="store_true",
                    help="the checkpoint's architecture with random weights, trained with the same budget")

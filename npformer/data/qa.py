@@ -114,9 +114,11 @@ def example(rng: np.random.Generator) -> dict:
 def qa_splits(n_train: int = 4000, n_val: int = 500, n_test: int = 1000, seed: int = 0) -> dict:
     """{"train", "val", "test"} -> list of example dicts (module docstring), seeded by `seed`.
 
-    Examples with distinct passages are drawn until there are n_train + n_val + n_test, then
-    shuffled and cut in three: no passage (so no (question, context) pair) is in two splits.
-    Ids are "{split}-{index}", e.g. "val-0007".
+    Examples with distinct passages are drawn until there are n_test + n_val + n_train: the first
+    n_test are the test split, the next n_val the validation split, the rest the training split. No
+    passage (so no (question, context) pair) is in two splits, and the held-out splits do not depend
+    on n_train: more training examples are scored on the same test questions.
+    Ids are "{split}-{index}", the index as wide as the split's largest, e.g. "val-007" of 500.
     """
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -132,10 +134,8 @@ def qa_splits(n_train: int = 4000, n_val: int = 500, n_test: int = 1000, seed: i
     else:
         raise ValueError(f"qa_splits: could not draw {total} distinct passages")
     items = list(seen.values())
-    order = rng.permutation(total).tolist()
-    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    width = len(str(max(n_train, n_val, n_test) - 1))
-    return {name: [{"id": f"{name}-{i:0{width}d}", **items[j]} for i, j in enumerate(idx)]
+    cuts = {"train": range(n_test + n_val, total), "val": range(n_test, n_test + n_val), "test": range(n_test)}
+    return {name: [{"id": f"{name}-{i:0{len(str(len(idx) - 1))}d}", **items[j]} for i, j in enumerate(idx)]
             for name, idx in cuts.items()}
 
 

@@ -75,6 +75,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = None                  # None: NPFORMER_DEVICE, else cpu
     eval_batch_size: int = 250
+    train_examples: int = None          # --task qa: training questions (None: 4,000); val and test stay the same
     out: str = "out-finetune"
     resume: bool = False                # continue the run in out from its newest intact checkpoint
     keep: int = 2                       # checkpoints kept (the newest); 0: all
@@ -100,6 +101,8 @@ class FinetuneConfig:
         warmup = self.max_iters // 10 if self.warmup_iters is None else self.warmup_iters
         need(isinstance(warmup, int) and 0 <= warmup < self.max_iters,
              f"--warmup-iters must be in [0, --max-iters={self.max_iters}); got {warmup}")
+        need(self.train_examples is None or (positive_int(self.train_examples) and self.task == "qa"),
+             f"--train-examples is a positive integer for --task qa; got {self.train_examples!r} for --task {self.task}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")

@@ -143,7 +143,7 @@ def finetune_bert(cfg, log=print) -> dict:
         data = _sentiment_data(tok, max_length)
         scorers = {"val": _accuracy, "test": _accuracy}
     else:
-        splits = qa.qa_splits()
+        splits = qa.qa_splits(**({"n_train": cfg.train_examples} if cfg.train_examples else {}))
         feats = {k: qa_features.qa_features(tok, v, max_length) for k, v in splits.items()}
         data = {k: {name: f[name] for name in f if name != "offsets"} for k, f in feats.items()}
         scorers = {k: _qa_scorer(feats[k], splits[k]) for k in ("val", "test")}
