@@ -190,6 +190,7 @@ def test_on_the_built_in_language_the_masked_token_floor_is_reported(tmp_path, c
     assert f"masked-token floor {floor:.4f} nats/token" in lines[1] and lines[1].startswith("model: bert")
     gap = 100 * (summary["val_loss"] / floor - 1)
     assert f"(floor {floor:.4f}, gap {gap:.1f}%)" in capsys.readouterr().err
+    assert f"nats/token vs floor {floor:.4f} ({summary['gap_percent']:+.1f}%), masked tokens right " in lines[-1]
 
 
 def test_a_gpt_on_wordpiece_tokens_is_measured_against_their_own_floor(tmp_path, capsys):
@@ -205,6 +206,8 @@ def test_a_gpt_on_wordpiece_tokens_is_measured_against_their_own_floor(tmp_path,
     assert summary["token_floor"] == floor and summary["entropy_floor"] is None
     assert f"entropy floor {floor:.4f} nats/token" in lines[1]
     assert f"(floor {floor:.4f}, gap {100 * (summary['val_loss'] / floor - 1):.1f}%)" in capsys.readouterr().err
+    assert summary["gap_percent"] == pytest.approx(100 * (summary["val_loss"] / floor - 1), rel=1e-12)
+    assert f"nats/token vs floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" in lines[-1]
 
 
 def test_bert_resumes_on_longer_blocks_within_its_position_table(tmp_path):

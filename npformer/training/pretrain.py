@@ -384,14 +384,15 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                "context_floor": context_floor,
                "ms_per_iter": 1000 * train_seconds / steps_run if steps_run else None,
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
-    if floor and val_loss is not None:
-        summary["gap_percent"] = 100 * (summary["val_loss_per_char"] / floor - 1)
+    if (floor or token_floor) and val_loss is not None:     # per character, or per token (token_floor)
+        summary["gap_percent"] = 100 * ((summary["val_loss_per_char"] / floor) if floor else val_loss / token_floor) - 100
     plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor or token_floor, log)
     objective.show(val_text, log)
     summary["seconds"] = time.perf_counter() - t_start
     log(f"done in {format_seconds(summary['seconds'])}: "
         + ("no steps taken" if val_loss is None else f"val loss {val_loss:.4f}")
+        + (f" nats/{'char' if floor else 'token'} vs {'entropy ' * bool(floor)}floor {floor or token_floor:.4f} "
+           f"({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
         + ("" if val_accuracy is None else f", masked tokens right {val_accuracy:.1%}")
-        + (f" nats/char vs entropy floor {floor:.4f} ({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
         + f"; checkpoint in {cfg.out}")
     return summary
