@@ -110,6 +110,21 @@ def test_evaluation_scores_the_same_masked_positions_every_time(tmp_path):
     assert objective.evaluate(ids, seed=4) != first
 
 
+def test_evaluation_hides_every_scored_token_so_the_floor_bounds_it(tmp_path):
+    # training keeps 10% of the chosen tokens visible; evaluation must not, or a model that copies its
+    # input would score below ToyLanguage.masked_floor(), the floor of a hidden token
+    cfg = bert(tmp_path, batch_size=64).checked()
+    text = open(cfg.data, encoding="utf-8").read()
+    objective = MaskedLM(cfg, WordPieceStream.train(text, 60))
+    ids = objective.tok.encode(text)
+    batches = list(objective._batches(ids, seed=3))
+    assert len(batches) == cfg.eval_iters
+    for x, y in batches:
+        chosen = y != -100
+        assert chosen.any() and (x[chosen] == objective.tok.wordpiece.mask_token_id).all()
+        assert (x[~chosen] != objective.tok.wordpiece.mask_token_id).all()      # nothing else hidden
+
+
 def test_gpt_trains_on_wordpiece_tokens_too(tmp_path):
     summary = pretrain(tiny(tmp_path, tokenizer="wordpiece", vocab_size=60, samples=1), log=quiet)
     ckpt = load_checkpoint(str(tmp_path / "run"))

@@ -19,7 +19,9 @@ of the ordinary tokens (80% -> [MASK], 10% -> a random id, 10% kept); y = the or
 chosen positions, -100 elsewhere. The loss is the cross-entropy over the chosen positions (the
 "masked-token loss") and the accuracy the fraction of them predicted exactly. The masking draws from
 its own generator (seed + 5), stored in the checkpoint, so a resumed run masks as the uninterrupted
-run would. Evaluation masks with a fixed generator, so every evaluation scores the same positions.
+run would. Evaluation masks with a fixed generator, so every evaluation scores the same positions, and
+shows every chosen token as [MASK]: a kept token would be visible to the model, and its loss could go
+below the floor of a hidden one.
 """
 
 from __future__ import annotations
@@ -179,9 +181,12 @@ class MaskedLM(CausalLM):
         return {"loss": total / count, "accuracy": correct / count}
 
     def _batches(self, ids, seed: int):
+        """Evaluation batches: every chosen token shown as [MASK] (none kept or replaced), so that each
+        scored token is hidden and ToyLanguage.masked_floor() bounds the loss from below."""
         sampler, rng = self.sampler(ids, seed), np.random.default_rng(seed + 1000)
         for _ in range(self.cfg.eval_iters):
-            yield self.batch(sampler, rng)
+            x, y = self.batch(sampler, rng)
+            yield np.where(y != IGNORE_INDEX, self.tok.wordpiece.mask_token_id, x), y
 
     def show(self, val_text: str, log) -> None:
         """cfg.samples validation blocks with masked tokens, and the model's guesses for them."""
