@@ -18,8 +18,8 @@ from .creation import arange, full, ones, ones_like, rand, randn, zeros, zeros_l
 from .gradcheck import GradcheckError, gradcheck
 from .ops import (abs, add, astype, attention, concatenate, cross_entropy, div, dropout, embedding, exp, expand, gelu, linear,
                   getitem, layer_norm, log, log_softmax, masked_fill, matmul, max, maximum, mean,
-                  minimum, mul, neg, permute, pow, relu, reshape, self_attention, sigmoid, softmax, split, sqrt, stack,
-                  sub, sum, tanh, transpose, var, where)
+                  minimum, mul, neg, permute, pow, relu, reshape, rms_norm, self_attention, sigmoid, silu, softmax, split,
+                  sqrt, stack, sub, sum, tanh, transpose, var, where)
 from .random import manual_seed
 from .tensor import Tensor, tensor
 

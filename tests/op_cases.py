@@ -172,6 +172,20 @@ def _layer_norm(draw):
 
 
 @st.composite
+def _rms_norm(draw):
+    """x with normalized_shape its last 1 or 2 axes, with or without a weight (an input with a gradient);
+    eps=None (2e-16 in float64) only with every |x| >= 0.5, so that no row's mean square is near 0, where
+    central differences fail."""
+    shape = draw(shapes(1, 3, 2, 3))
+    norm = shape[len(shape) - draw(st.integers(1, min(2, len(shape)))):]
+    eps = draw(st.sampled_from([None, 1e-3]))
+    x = draw(arrays(shape, "nonzero" if eps is None else "real"))
+    if draw(st.booleans()):
+        return OpCase(lambda a: nf.rms_norm(a, norm, eps=eps), (x,))
+    return OpCase(lambda a, w: nf.rms_norm(a, norm, w, eps), (x, draw(arrays(norm))))
+
+
+@st.composite
 def _embedding(draw):
     V, D = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     idx = draw(hnp.arrays(np.int64, shapes(0, 2), elements=st.integers(0, V - 1)))
@@ -231,7 +245,8 @@ _ASTYPE = st.builds(lambda x: OpCase(_astype_round_trip, (x,), eps=2.0 ** -10),
 OP_CASES = {
     "abs": _one(nf.abs, "away_from_kink"), "exp": _one(nf.exp), "gelu": _one(nf.gelu),
     "log": _one(nf.log, "positive"), "neg": _one(nf.neg), "relu": _one(nf.relu, "away_from_kink"),
-    "sigmoid": _one(nf.sigmoid, "wide"), "sqrt": _one(nf.sqrt, "positive"), "tanh": _one(nf.tanh, "wide"),
+    "sigmoid": _one(nf.sigmoid, "wide"), "silu": _one(nf.ops.silu, "wide"), "sqrt": _one(nf.sqrt, "positive"),
+    "tanh": _one(nf.tanh, "wide"),
     "add": _two(nf.add), "sub": _two(nf.sub), "mul": _two(nf.mul), "div": _two(nf.div, "real", "nonzero"),
     "pow": _two(nf.pow, "positive", "real"), "maximum": _extremum(nf.maximum), "minimum": _extremum(nf.minimum),
     "sum": _reduction(nf.sum), "mean": _reduction(nf.mean), "max": _reduction(nf.max), "var": _reduction(nf.var),
@@ -239,7 +254,8 @@ OP_CASES = {
     "expand": _shape_op("expand"), "getitem": _shape_op("getitem"), "split": _shape_op("split"),
     "concatenate": _join(nf.concatenate), "stack": _join(nf.stack), "where": _where(), "masked_fill": _masked_fill(),
     "matmul": _matmul(), "linear": _linear(), "softmax": _softmax(nf.softmax), "log_softmax": _softmax(nf.log_softmax),
-    "cross_entropy": _cross_entropy(), "layer_norm": _layer_norm(), "embedding": _embedding(), "dropout": _dropout(),
+    "cross_entropy": _cross_entropy(), "layer_norm": _layer_norm(), "rms_norm": _rms_norm(),
+    "embedding": _embedding(), "dropout": _dropout(),
     "attention": _attention(), "self_attention": _self_attention(), "astype": _ASTYPE,
 }
 

@@ -38,7 +38,7 @@ GRAD_FN = {"split": {"getitem"}, "transpose": {"transpose", "reshape"}, "dropout
 
 # Ops whose case can draw two or more differentiable inputs: each subset of them is gradchecked alone.
 MULTI_INPUT = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "where", "matmul", "linear",
-               "layer_norm", "concatenate", "stack", "attention"}
+               "layer_norm", "rms_norm", "concatenate", "stack", "attention"}
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -3,8 +3,8 @@ what the torch module m computes, with m's weights copied in; ``to_torch(m)`` do
 
 Supported (torch.nn <-> npformer.nn; parameter names are identical, weights copied unchanged):
     MultiheadAttention (add_bias_kv, add_zero_attn carried), TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder,
-    TransformerDecoder, Transformer, LayerNorm, Linear, Embedding (padding_idx carried),
-    Dropout, ReLU, GELU (approximate carried), Tanh, Identity,
+    TransformerDecoder, Transformer, LayerNorm, RMSNorm (eps=None carried), Linear, Embedding (padding_idx
+    carried), Dropout, ReLU, GELU (approximate carried), SiLU, Tanh, Identity,
     and the containers Sequential and ModuleList, whose children are converted recursively;
 GPT models (see gpt2.py and gpt_like.py):
     transformers' GPT2LMHeadModel              <-> npformer.models.GPT (Conv1D weights transposed)
@@ -34,8 +34,8 @@ from .. import nn
 from . import bert, gpt2, gpt_like
 
 SUPPORTED = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
-             "TransformerDecoder", "Transformer", "LayerNorm", "Linear", "Embedding", "Dropout", "ReLU", "GELU",
-             "Tanh", "Identity", "Sequential", "ModuleList")
+             "TransformerDecoder", "Transformer", "LayerNorm", "RMSNorm", "Linear", "Embedding", "Dropout", "ReLU",
+             "GELU", "SiLU", "Tanh", "Identity", "Sequential", "ModuleList")
 
 
 def _import_torch():
@@ -164,7 +164,7 @@ def _build(m, src, dst, fk: dict, gk: dict, where: str, expect=None):
         return dst.Dropout(m.p)
     if kind == "GELU":
         return dst.GELU(approximate=m.approximate)
-    if kind in ("ReLU", "Tanh", "Identity"):
+    if kind in ("ReLU", "SiLU", "Tanh", "Identity"):
         return getattr(dst, kind)()
     if kind in ("Sequential", "ModuleList"):
         names = list(m._modules)                     # both frameworks keep children in _modules, in order
@@ -174,6 +174,9 @@ def _build(m, src, dst, fk: dict, gk: dict, where: str, expect=None):
         return dst.Sequential(*children) if kind == "Sequential" else dst.ModuleList(children)
     if kind == "LayerNorm":
         return dst.LayerNorm(**_norm_args(m), **fk)
+    if kind == "RMSNorm":
+        return dst.RMSNorm(tuple(m.normalized_shape), eps=None if m.eps is None else float(m.eps),
+                           elementwise_affine=bool(m.elementwise_affine), **fk)
     if kind == "MultiheadAttention":
         args = _mha_args(m, where)
         if dst is not nn and args.pop("scale") is not None:

@@ -7,15 +7,16 @@ is the default everywhere (inputs (B, T, D)); torch's default is time first.
 
 from . import functional, init
 from .attention import MultiHeadAttention, MultiheadAttention
-from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, ModuleList, ReLU, Sequential,
-                     Tanh)
+from .feedforward import GatedFeedForward
+from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, ModuleList, ReLU, RMSNorm, Sequential,
+                     SiLU, Tanh)
 from .module import Module, Parameter
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
 
-__all__ = ["Module", "Parameter", "functional", "init", "Linear", "Embedding", "LayerNorm", "Dropout",
-           "ModuleList", "Sequential", "ReLU", "GELU", "Tanh", "Identity", "MultiHeadAttention",
-           "MultiheadAttention", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
+__all__ = ["Module", "Parameter", "functional", "init", "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout",
+           "ModuleList", "Sequential", "ReLU", "GELU", "SiLU", "Tanh", "Identity", "GatedFeedForward",
+           "MultiHeadAttention", "MultiheadAttention", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
            "Transformer"]

@@ -39,8 +39,19 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     return ops.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """x / sqrt(mean(x^2) + eps) * weight over the trailing `normalized_shape` axes; eps=None: the
+    dtype's machine epsilon (torch.nn.functional.rms_norm)."""
+    return ops.rms_norm(x, normalized_shape, weight, eps)
+
+
 def gelu(x, approximate: str = "none"):
     return ops.gelu(x, approximate=approximate)
+
+
+def silu(x):
+    """x * sigmoid(x)."""
+    return ops.silu(x)
 
 
 def relu(x):

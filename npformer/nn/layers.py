@@ -1,5 +1,5 @@
 """Basic layers with torch.nn's names, arguments and parameter names: Linear, Embedding,
-LayerNorm, Dropout, activations, and the containers ModuleList and Sequential.
+LayerNorm, RMSNorm, Dropout, activations, and the containers ModuleList and Sequential.
 
 Layers with weights take ``dtype`` (npformer.get_default_dtype() when None: float32 unless
 changed, as torch), ``device``
@@ -108,6 +108,31 @@ class LayerNorm(Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
+class RMSNorm(Module):
+    """Divide by the root mean square over the trailing `normalized_shape` axes: x / sqrt(mean(x^2) + eps) * weight.
+
+    weight (ones) has shape normalized_shape; elementwise_affine=False drops it. eps=None uses
+    the input dtype's machine epsilon, as torch.nn.RMSNorm.
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, dtype=None,
+                 device=None):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = init.ones_(empty_parameter(self.normalized_shape, dtype, device))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
 class Dropout(Module):
     """Zero each element with probability p and scale the rest by 1/(1-p) in training; identity in eval.
 
@@ -131,6 +156,13 @@ class Dropout(Module):
 class ReLU(Module):
     def forward(self, x):
         return F.relu(x)
+
+
+class SiLU(Module):
+    """x * sigmoid(x) (swish)."""
+
+    def forward(self, x):
+        return F.silu(x)
 
 
 class GELU(Module):

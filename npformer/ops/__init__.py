@@ -8,10 +8,10 @@ function; tests/test_ops_registry.py fails if one of them has no gradient check.
 
 from ._core import FAST, IMPLEMENTATION, OPS, REFERENCE, current, path_from_environment, unbroadcast, use
 from .attention import attention, self_attention
-from .activations import gelu, relu, sigmoid, tanh
+from .activations import gelu, relu, sigmoid, silu, tanh
 from .elementwise import abs, add, div, exp, log, maximum, minimum, mul, neg, pow, sqrt, sub
 from .dtype import astype
-from .fused import cross_entropy, dropout, embedding, layer_norm, log_softmax, softmax
+from .fused import cross_entropy, dropout, embedding, layer_norm, log_softmax, rms_norm, softmax
 from .linalg import linear, matmul
 from .reduction import max, mean, sum, var
 from .shape import (concatenate, expand, getitem, masked_fill, permute, reshape, split, stack,

@@ -1,7 +1,7 @@
-"""Activations: tanh, sigmoid, relu and gelu (exact and tanh forms, fused backward).
+"""Activations: tanh, sigmoid, relu, silu and gelu (exact and tanh forms); silu and gelu have fused backwards.
 
-The GELU derivations are in docs/derivations.md#gelu; its fast version (in pieces that stay
-in the cache, updated in place) is in npformer/fast/activations.py.
+The derivations are in docs/derivations.md#silu and #gelu; GELU's fast version (in pieces that
+stay in the cache, updated in place) is in npformer/fast/activations.py.
 """
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ def relu(a):
     (a,) = tensors("relu", a)
     out = a.xp.maximum(a.data, 0)
     return result(out, (a,), lambda g: (g * (a.data > 0),), "relu")
+
+
+@register
+def silu(a):
+    """SiLU (swish, LLaMA's activation): y = a * s with s = sigmoid(a).  (docs/derivations.md#silu)
+
+    Backward: da = g * s (1 + a (1 - s)). The backward keeps a and s.
+    """
+    (a,) = tensors("silu", a)
+    xp, x = a.xp, a.data
+    e = xp.exp(-xp.abs(x))                        # exp(-|a|) in (0, 1]: never overflows
+    s = xp.where(x >= 0, 1.0, e) / (1.0 + e)      # 1/(1 + e^-a) for a >= 0, e^a/(1 + e^a) below
+    y = x * s
+    return result(y, (a,), lambda g: (g * s * (1 + x * (1 - s)),), "silu")
 
 
 @register

@@ -1,9 +1,10 @@
 """Fused neural-network ops with hand-derived backwards: softmax, log_softmax,
-cross_entropy (log-softmax + NLL with label smoothing), layer_norm; plus
+cross_entropy (log-softmax + NLL with label smoothing), layer_norm, rms_norm; plus
 embedding and dropout.
 
 Each backward is derived in docs/derivations.md and gradient-checked in
-tests/test_ops_fused.py. The fast layer_norm and embedding are in npformer/fast/fused.py.
+tests/test_ops_fused.py (rms_norm's in tests/test_ops_rms_norm.py). The fast layer_norm and
+embedding are in npformer/fast/fused.py.
 """
 
 from __future__ import annotations
@@ -166,20 +167,62 @@ def layer_norm(a, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
 def check_layer_norm(a, normalized_shape, weight, bias):
     """(a, weight or None, bias or None) as Tensors on one device and normalized_shape as a
     tuple; raise unless a ends with normalized_shape and weight and bias have that shape."""
+    return check_norm("layer_norm", a, normalized_shape, weight, bias)
+
+
+def check_norm(name: str, a, normalized_shape, weight, bias):
+    """check_layer_norm for op `name` (layer_norm, rms_norm), whose errors name it."""
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    ts = tensors("layer_norm", a, *(p for p in (weight, bias) if p is not None))
+    ts = tensors(name, a, *(p for p in (weight, bias) if p is not None))
     a = ts[0]
     w = ts[1] if weight is not None else None
     b = ts[-1] if bias is not None else None
     k = len(normalized_shape)
     if a.dtype.kind != "f":
-        raise TypeError(f"layer_norm: the input must be floating point; got {a.dtype} (cast it with .astype)")
+        raise TypeError(f"{name}: the input must be floating point; got {a.dtype} (cast it with .astype)")
     if k == 0 or a.shape[a.ndim - k:] != normalized_shape:
-        raise ValueError(f"layer_norm: input of shape {a.shape} does not end with normalized_shape {normalized_shape}")
-    for name, p in (("weight", w), ("bias", b)):
+        raise ValueError(f"{name}: input of shape {a.shape} does not end with normalized_shape {normalized_shape}")
+    for what, p in (("weight", w), ("bias", b)):
         if p is not None and p.shape != normalized_shape:
-            raise ValueError(f"layer_norm: {name} has shape {p.shape}; expected normalized_shape {normalized_shape}")
+            raise ValueError(f"{name}: {what} has shape {p.shape}; expected normalized_shape {normalized_shape}")
     return a, w, b, normalized_shape
+
+
+@register
+def rms_norm(a, normalized_shape, weight=None, eps=None):
+    """Divide by the root mean square over the trailing `normalized_shape` axes, then scale
+    (torch.nn.functional.rms_norm; LLaMA's norm, a layer norm without the centring and the bias).
+
+    ms = mean(x^2), rstd = (ms + eps)^(-1/2), xhat = x * rstd, y = xhat * weight.
+    eps=None: rms_norm_eps(dtype), the machine epsilon, as torch. Backward, with
+    dxhat = g * weight and means over the normalized axes:
+      dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+      dweight = sum(g * xhat)  over the other axes.
+    The backward keeps xhat and rstd.   (docs/derivations.md#rms-norm)
+    """
+    a, w, _, normalized_shape = check_norm("rms_norm", a, normalized_shape, weight, None)
+    x = a.data
+    norm = tuple(range(x.ndim - len(normalized_shape), x.ndim))      # the normalized axes
+    lead = tuple(range(x.ndim - len(normalized_shape)))               # the others
+    eps = rms_norm_eps(a.xp, x.dtype) if eps is None else eps
+    ms = (x * x).mean(axis=norm, keepdims=True)
+    rstd = (ms + eps) ** -0.5
+    xhat = x * rstd
+    y = xhat * w.data if w is not None else xhat
+
+    def backward(g):
+        dxhat = g * w.data if w is not None else g
+        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=norm, keepdims=True))
+        if w is None:
+            return (dx,)
+        return dx, (g * xhat).sum(axis=lead)
+    return result(y, (a,) if w is None else (a, w), backward, "rms_norm")
+
+
+def rms_norm_eps(xp, dtype) -> float:
+    """rms_norm's eps when none is given: torch.finfo(dtype).eps for float32 and float64, and
+    float32's for float16 (torch computes a float16 rms_norm in float32, with float32's eps)."""
+    return float(xp.finfo(xp.promote_types(dtype, xp.float32)).eps)
 
 
 @register
