@@ -8,15 +8,18 @@ is the default everywhere (inputs (B, T, D)); torch's default is time first.
 from . import functional, init
 from .attention import MultiHeadAttention, MultiheadAttention
 from .feedforward import GatedFeedForward
+from .gqa import GroupedQueryAttention
 from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, ModuleList, ReLU, RMSNorm, Sequential,
                      SiLU, Tanh)
 from .module import Module, Parameter
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from .rotary import RotaryEmbedding, apply_rotary_pos_emb, rotate_half
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
 
 __all__ = ["Module", "Parameter", "functional", "init", "Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout",
            "ModuleList", "Sequential", "ReLU", "GELU", "SiLU", "Tanh", "Identity", "GatedFeedForward",
-           "MultiHeadAttention", "MultiheadAttention", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
+           "MultiHeadAttention", "MultiheadAttention", "GroupedQueryAttention", "SinusoidalPositionalEncoding",
+           "LearnedPositionalEmbedding", "RotaryEmbedding", "apply_rotary_pos_emb", "rotate_half",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
            "Transformer"]
