@@ -45,8 +45,7 @@ def hf_twin(ours, Hkv, bias, impl, seed):
     with torch.no_grad():
         for p in twin.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    missing, unexpected = ours.load_state_dict({k: v.numpy() for k, v in twin.state_dict().items()}, strict=False)
-    assert missing == ["rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached"] and not unexpected
+    ours.load_state_dict({k: v.numpy() for k, v in twin.state_dict().items()})    # the tables are not state
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in twin.named_parameters()]
     return torch, twin
 

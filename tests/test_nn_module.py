@@ -181,3 +181,16 @@ def test_module_without_forward_or_init_says_so():
 
     with pytest.raises(AttributeError, match=r"NoInit: call super\(\).__init__\(\)"):
         NoInit()
+
+
+def test_a_non_persistent_buffer_is_used_but_left_out_of_state_dict_and_loading():
+    m = nn.Module()
+    m.register_buffer("kept", np.arange(3.0))
+    m.register_buffer("table", np.ones(2), persistent=False)
+    assert [n for n, _ in m.named_buffers()] == ["kept", "table"] and host(m.table).tolist() == [1.0, 1.0]
+    assert list(m.state_dict()) == ["kept"]
+    assert m.load_state_dict({"kept": np.zeros(3)}) == ([], [])
+    with pytest.raises(ValueError, match="unexpected keys: \\['table'\\]"):
+        m.load_state_dict({"kept": np.zeros(3), "table": np.zeros(2)})
+    m.register_buffer("table", np.ones(2))                 # registered again as persistent: saved again
+    assert list(m.state_dict()) == ["kept", "table"]

@@ -43,6 +43,7 @@ class Module:
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_buffer_formulas", {})
+        object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "training", True)
 
     # ------------------------------------------------------------------ registration
@@ -74,19 +75,22 @@ class Module:
                 return
         object.__delattr__(self, name)
 
-    def register_buffer(self, name: str, array, formula=None) -> None:
-        """A non-learnable array saved in state_dict; may be None.
+    def register_buffer(self, name: str, array, formula=None, persistent: bool = True) -> None:
+        """A non-learnable array, saved in state_dict unless persistent=False; may be None.
 
         formula: for a buffer computed from a formula (a positional-encoding table), the function
         ``formula(dtype) -> host array`` that computes it; ``to(dtype=...)`` then recomputes the
         buffer in the new dtype instead of casting the old values (a float32 table cast to float64
         keeps its float32 rounding).
+        persistent=False: left out of state_dict (and so of checkpoints and load_state_dict), as
+        torch's; for tables the module rebuilds itself, such as RoPE's cos/sin.
         """
         self.__dict__.pop(name, None)
         self._buffers[name] = array
         self._buffer_formulas.pop(name, None)
         if formula is not None:
             self._buffer_formulas[name] = formula
+        (self._non_persistent.discard if persistent else self._non_persistent.add)(name)
 
     def register_parameter(self, name: str, param) -> None:
         """Register a Parameter (or None, for an absent optional weight such as a disabled bias)."""
@@ -198,7 +202,7 @@ class Module:
                 if p is not None:
                     out[f"{mod_name}.{name}" if mod_name else name] = p.data
             for name, b in m._buffers.items():
-                if b is not None:
+                if b is not None and name not in m._non_persistent:
                     out[f"{mod_name}.{name}" if mod_name else name] = b
         return out
 
@@ -239,7 +243,7 @@ class Module:
                 if p is not None:
                     targets[f"{mod_name}.{name}" if mod_name else name] = (m, name, True)
             for name, b in m._buffers.items():
-                if b is not None:
+                if b is not None and name not in m._non_persistent:
                     targets[f"{mod_name}.{name}" if mod_name else name] = (m, name, False)
         for key, (m, name, is_param) in targets.items():
             if key not in state:

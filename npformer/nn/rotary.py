@@ -137,7 +137,7 @@ class RotaryEmbedding(Module):
         cos = lambda d: rope_cos_sin(np.arange(max_len), head_dim, theta, d)[0]       # noqa: E731
         sin = lambda d: rope_cos_sin(np.arange(max_len), head_dim, theta, d)[1]       # noqa: E731
         for name, table in (("inv_freq", inv), ("cos_cached", cos), ("sin_cached", sin)):
-            self.register_buffer(name, xp.asarray(table(dt)), formula=table)
+            self.register_buffer(name, xp.asarray(table(dt)), formula=table, persistent=False)
 
     def forward(self, positions):
         where = type(self).__name__
