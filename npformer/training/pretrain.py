@@ -44,13 +44,13 @@ import time
 from dataclasses import dataclass
 
 from .. import backend, cpu, random
-from ..data import (ByteBPETokenizer, CharTokenizer, DataError, ToyLanguage, WordPieceStream, default_corpus,
-                    load_text)
+from ..data import ByteBPETokenizer, CharTokenizer, DataError, WordPieceStream, default_corpus, load_text
 from ..data.dataset import data_fingerprint
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
 from . import workers as shard_workers
 from .checkpoint import CheckpointError, save_checkpoint
+from .floors import Floors
 from .memory import check_pretrain_memory, format_bytes, shard_plan
 from .objectives import MODELS, make_objective
 from .metrics import append_metrics, plot_losses, truncate_metrics
@@ -165,13 +165,13 @@ class PretrainConfig:
 
 
 def _load_corpus(cfg: PretrainConfig):
-    """(train_text, val_text, entropy floor or None, data fingerprint)."""
+    """(train_text, val_text, data fingerprint): the built-in corpus, or --data with its last tenth held out."""
     if cfg.data is None:
         train, val = default_corpus()
-        return train, val, ToyLanguage(seed=0).entropy_rate(), data_fingerprint(None, train + val)
+        return train, val, data_fingerprint(None, train + val)
     text = load_text(cfg.data)
     n_val = max(1, len(text) // 10)
-    return text[:-n_val], text[-n_val:], None, data_fingerprint(cfg.data, text)
+    return text[:-n_val], text[-n_val:], data_fingerprint(cfg.data, text)
 
 
 def _check_data_unchanged(cfg, saved: dict, now: dict, log) -> None:
@@ -243,7 +243,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
             log(f"note: the blocks change from {was} to {cfg.block_size} tokens (the position table has "
                 f"{cfg.max_positions}): the run goes on with other rows, as BERT's short-then-long schedule does")
 
-    train_text, val_text, floor, fingerprint = _load_corpus(cfg)
+    train_text, val_text, fingerprint = _load_corpus(cfg)
     if ckpt:
         _check_data_unchanged(cfg, ckpt.meta.get("data_fingerprint"), fingerprint, log)
     tok = ckpt.tokenizer if ckpt else _build_tokenizer(cfg, train_text, val_text, log)
@@ -286,21 +286,11 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)                 # left by an earlier run that saved no checkpoint
 
-    context_floor = None
-    if floor is not None and cfg.tokenizer == "char" and cfg.model == "gpt":
-        context_floor = ToyLanguage(seed=0).context_floor(cfg.block_size)
-    # per-token floors where the loss is not next-character prediction of the text itself: a masked LM's
-    # (one hidden token), and WordPiece's tokens (no case, no line breaks) for a GPT
-    token_floor = None if floor is None or cfg.tokenizer != "wordpiece" else (
-        ToyLanguage(seed=0).masked_floor() if cfg.model == "bert" else ToyLanguage(seed=0).token_entropy(True))
-    floor = None if token_floor else floor
+    floors = Floors.of_run(cfg.model, cfg.tokenizer, cfg.block_size, builtin=cfg.data is None)
     log(f"model: {cfg.model} {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"device {cfg.device}" + (f" ({cfg.workers} worker{'s' * (cfg.workers != 1)})" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
-        + (f"; entropy floor {floor:.4f} nats/char" if floor is not None else "")
-        + (f" ({context_floor:.4f} with {cfg.block_size} characters of context)" if context_floor else "")
-        + (f"; {'masked-token' if cfg.model == 'bert' else 'entropy'} floor {token_floor:.4f} nats/token"
-           if token_floor else "")
+        + floors.describe(cfg.block_size)
         + f"; memory: about {format_bytes(estimate.peak_bytes)} at peak")
 
     def save(at_step):
@@ -363,8 +353,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                     if val_accuracy is not None:
                         record.update(train_accuracy=tr["accuracy"], val_accuracy=val_accuracy)
                     append_metrics(metrics_path, record)
-                    gap = f" (floor {floor:.4f}, gap {100 * (val_loss / chars_per_token / floor - 1):.1f}%)" if floor else ""
-                    gap = f" (floor {token_floor:.4f}, gap {100 * (val_loss / token_floor - 1):.1f}%)" if token_floor else gap
+                    gap = floors.eval_suffix(val_loss, chars_per_token)
                     acc = "" if val_accuracy is None else f"; masked tokens right: train {tr['accuracy']:.1%}, val {val_accuracy:.1%}"
                     bar.message(f"step {step}: train {tr['loss']:.4f}, val {val_loss:.4f}{gap}{acc}")
                     save(step)
@@ -380,19 +369,18 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 workers.close()
 
     summary = {"model": cfg.model, "step": step, "val_loss": val_loss, "val_accuracy": val_accuracy,
-               "best_val": best_val, "entropy_floor": floor, "token_floor": token_floor,
-               "context_floor": context_floor,
+               "best_val": best_val, "entropy_floor": floors.per_char, "token_floor": floors.per_token,
+               "context_floor": floors.context,
                "ms_per_iter": 1000 * train_seconds / steps_run if steps_run else None,
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
-    if (floor or token_floor) and val_loss is not None:     # per character, or per token (token_floor)
-        summary["gap_percent"] = 100 * ((summary["val_loss_per_char"] / floor) if floor else val_loss / token_floor) - 100
-    plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floor or token_floor, log)
+    if floors.value is not None and val_loss is not None:       # per character, or per token
+        summary["gap_percent"] = floors.gap_percent(val_loss, chars_per_token)
+    plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floors.value, log)
     objective.show(val_text, log)
     summary["seconds"] = time.perf_counter() - t_start
     log(f"done in {format_seconds(summary['seconds'])}: "
         + ("no steps taken" if val_loss is None else f"val loss {val_loss:.4f}")
-        + (f" nats/{'char' if floor else 'token'} vs {'entropy ' * bool(floor)}floor {floor or token_floor:.4f} "
-           f"({summary['gap_percent']:+.1f}%)" if "gap_percent" in summary else "")
+        + ("" if val_loss is None else floors.done_suffix(val_loss, chars_per_token))
         + ("" if val_accuracy is None else f", masked tokens right {val_accuracy:.1%}")
         + f"; checkpoint in {cfg.out}")
     return summary
