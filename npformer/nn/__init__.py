@@ -13,6 +13,7 @@ from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, Modu
                      SiLU, Tanh)
 from .module import Module, Parameter
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from .relative import RelativePositionBias, alibi_bias, alibi_slopes, relative_position_bucket
 from .rotary import RotaryEmbedding, apply_rotary_pos_emb, rotate_half
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
@@ -21,5 +22,6 @@ __all__ = ["Module", "Parameter", "functional", "init", "Linear", "Embedding", "
            "ModuleList", "Sequential", "ReLU", "GELU", "SiLU", "Tanh", "Identity", "GatedFeedForward",
            "MultiHeadAttention", "MultiheadAttention", "GroupedQueryAttention", "SinusoidalPositionalEncoding",
            "LearnedPositionalEmbedding", "RotaryEmbedding", "apply_rotary_pos_emb", "rotate_half",
+           "RelativePositionBias", "alibi_bias", "alibi_slopes", "relative_position_bucket",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
            "Transformer"]
