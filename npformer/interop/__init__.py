@@ -8,6 +8,8 @@ A twin built by hand, with other names or layouts, gets the torch weights throug
 ``load_torch_state_dict(twin, torch_module, rename=..., fuse_qkv=..., transpose=...)``, which
 remembers its TorchMapping on the twin for compare. See docs/verification.md.
 
+transformers' GPT-2, BERT and LLaMA models have twins among npformer.models (gpt2.py, bert.py, llama.py).
+
 HF checkpoint directories (config.json + model.safetensors), without torch:
 ``from_pretrained(path, dtype=None, with_tokenizer=False)`` and ``save_pretrained(model, path)``
 (npformer/interop/pretrained.py; needs safetensors: ``pip install 'npformer[hf]'``).

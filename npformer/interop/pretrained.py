@@ -12,6 +12,8 @@ the head:
           BertForSequenceClassification, BertForQuestionAnswering -> npformer.models of the same names
     gpt2: GPT2LMHeadModel, GPT2Model (-> npformer.models.GPT, lm_head tied to wte),
           GPT2ForSequenceClassification (-> SequenceClassifier(GPT, pooling="last", head_bias=False))
+    llama: LlamaForCausalLM, LlamaModel -> npformer.models of the same names (llama.py: default RoPE
+          only; a tied lm_head is not in the file, as transformers writes it)
 Fields absent from config.json take transformers' defaults (save_pretrained writes only the
 non-default ones). dtype: the npformer dtype; None keeps the checkpoint's float32 / float64 (other
 float dtypes get npformer's default dtype). The tokenizer (with_tokenizer=True) is
@@ -19,18 +21,20 @@ WordPieceTokenizer.from_file(dir) for BERT when vocab.txt is there, else None (G
 
 Checkpoint quirks handled: a ``bert.`` prefix (BertForPreTraining files) is stripped for a BertModel
 and added for a head when absent; ``cls.seq_relationship.*``, ``*.position_ids``,
-``attn.bias`` / ``attn.masked_bias`` and a pooler the model has no use for are dropped; old
-LayerNorm ``gamma`` / ``beta`` become ``weight`` / ``bias``; GPT-2 files without the ``transformer.``
-prefix (saved from GPT2Model) get it; tied weights absent from the file (``lm_head.weight``,
+``attn.bias`` / ``attn.masked_bias``, old LLaMA files' ``rotary_emb.inv_freq`` and a pooler the
+model has no use for are dropped; old LayerNorm ``gamma`` / ``beta`` become ``weight`` / ``bias``;
+GPT-2 files without the ``transformer.`` prefix (saved from GPT2Model) get it, and LLaMA files
+without ``model.`` (saved from LlamaModel) too; tied weights absent from the file (``lm_head.weight``,
 ``cls.predictions.decoder.*``) are taken from the embedding. GPT-2's Conv1D weights are stored (in, out)
 and transposed to npformer's (out, in) both ways. Every problem raises ValueError (FileNotFoundError for a
 missing file) in one line naming the file and the field.
 
 Heads, as HF's AutoModelFor*.from_pretrained(path, num_labels=...): `architecture` and num_labels
-override config.json. Head weights (BERT_HEADS, GPT2_HEADS) the head needs but the file lacks are drawn
-as HF initialises them (2-D N(0, initializer_range^2) from `seed`, biases 0, LayerNorm weights 1), the
-file's head weights it does not use are left out, and a UserWarning names both. A misshapen head
-weight (num_labels=3 on a 2-label file) is an error unless ignore_mismatched_sizes=True draws it fresh.
+override config.json. Head weights (BERT_HEADS, GPT2_HEADS, LLaMA's untied lm_head) the head needs but
+the file lacks are drawn as HF initialises them (2-D N(0, initializer_range^2) from `seed`, biases 0,
+LayerNorm weights 1), the file's head weights it does not use are left out, and a UserWarning names both.
+A misshapen head weight (num_labels=3 on a 2-label file) is an error unless ignore_mismatched_sizes=True
+draws it fresh.
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import backend
+from . import llama
 
 CONFIG, WEIGHTS, TORCH_WEIGHTS = "config.json", "model.safetensors", "pytorch_model.bin"
 BERT_ARCHS = {"BertModel": "BertModel", "BertForMaskedLM": "BertForMaskedLM", "BertForPreTraining": "BertForMaskedLM",
               "BertForSequenceClassification": "BertForSequenceClassification",
               "BertForQuestionAnswering": "BertForQuestionAnswering"}
 GPT2_ARCHS = ("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification")
+LLAMA_ARCHS = llama.HF_CLASSES
 # transformers' defaults for the fields npformer reads (config.json may leave them out)
 _BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
@@ -62,7 +68,7 @@ _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12
                       reorder_and_upcast_attn=False, add_cross_attention=False, tie_word_embeddings=True,
                       pad_token_id=None, problem_type=None)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_DROP_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias")
+_DROP_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 # task-head weights: drawn fresh when the file lacks them, left out (and reported) when unused
 BERT_HEADS = ("cls.", "classifier.", "qa_outputs.", "bert.pooler.")
 GPT2_HEADS = ("head.", "score.")
@@ -101,8 +107,10 @@ def _architecture(cfg: dict, file: str, architecture: str = None) -> tuple:
         arch, known = (archs[0] if archs else "BertModel"), tuple(BERT_ARCHS)
     elif model_type == "gpt2":
         arch, known = (archs[0] if archs else "GPT2LMHeadModel"), GPT2_ARCHS
+    elif model_type == "llama":
+        arch, known = (archs[0] if archs else "LlamaForCausalLM"), LLAMA_ARCHS
     else:
-        raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: 'bert', 'gpt2'")
+        raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: 'bert', 'gpt2', 'llama'")
     if arch not in known:
         what = f"architecture={arch!r}" if architecture is not None else f"architectures {archs!r}"
         raise ValueError(f"{file}: {what} is not supported for model_type {model_type!r}; "
@@ -285,7 +293,7 @@ def from_pretrained(path, dtype=None, *, with_tokenizer: bool = False, device: s
     (model, tokenizer) where tokenizer is a WordPieceTokenizer (BERT with vocab.txt) or None.
     torch is not imported.
 
-    architecture: a name of BERT_ARCHS / GPT2_ARCHS overriding config.json's architectures[0];
+    architecture: a name of BERT_ARCHS / GPT2_ARCHS / LLAMA_ARCHS overriding config.json's architectures[0];
     num_labels, id2label, label2id: override the config's labels (only their number is kept);
     ignore_mismatched_sizes: re-draw a misshapen head weight instead of raising; seed: an int or a
     numpy.random.Generator for the head weights drawn fresh (see the module docstring)."""
@@ -299,7 +307,7 @@ def from_pretrained(path, dtype=None, *, with_tokenizer: bool = False, device: s
     state = _clean(state)
     dtype = _dtype(dtype, state)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    load = _load_bert if model_type == "bert" else _load_gpt2
+    load = {"bert": _load_bert, "gpt2": _load_gpt2, "llama": llama.load_pretrained}[model_type]
     model, report = load(cfg, arch, state, file, dtype, device, (rng, bool(ignore_mismatched_sizes)))
     _report(path, arch, *report)
     model.train(False)
@@ -381,12 +389,13 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     """Write `model` to the directory `path` (created if needed) as config.json + model.safetensors,
     which transformers' from_pretrained (and from_pretrained here) load; tokenizer: a WordPieceTokenizer
     written alongside (vocab.txt, tokenizer_config.json). Supported: the npformer BERT models of
-    bert.HF_CLASSES, GPT (as GPT2LMHeadModel), SequenceClassifier over a GPT (GPT2ForSequenceClassification)."""
-    exported = _bert_export(model) or _gpt2_export(model)
+    bert.HF_CLASSES, GPT (as GPT2LMHeadModel), SequenceClassifier over a GPT (GPT2ForSequenceClassification),
+    LlamaForCausalLM and LlamaModel."""
+    exported = _bert_export(model) or _gpt2_export(model) or llama.export(model)
     if exported is None:
         raise TypeError(f"save_pretrained: {type(model).__name__} has no HF checkpoint form; supported: BertModel, "
                         f"BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering, GPT, "
-                        f"SequenceClassifier over a GPT")
+                        f"SequenceClassifier over a GPT, LlamaForCausalLM, LlamaModel")
     cfg, state = exported
     cfg["dtype"] = _dtype_name(state)
     stn = _safetensors_numpy()

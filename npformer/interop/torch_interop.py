@@ -14,6 +14,8 @@ GPT models (see gpt2.py and gpt_like.py):
 BERT (see bert.py; HF's parameter names, weights copied by name):
     transformers' BertModel, BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering
         <-> npformer.models' classes of the same names
+LLaMA (see llama.py; HF's parameter names, weights copied by name):
+    transformers' LlamaForCausalLM, LlamaModel <-> npformer.models' classes of the same names
 to_torch of a GPT: layout="hf" (GPT2LMHeadModel; needs biases) or "nanogpt" (TorchGPT, any GPT);
 by default the layout the GPT came from (from_torch), else "hf" when it has biases.
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from .. import backend, random
 from .. import nn
-from . import bert, gpt2, gpt_like
+from . import bert, gpt2, gpt_like, llama
 
 SUPPORTED = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
              "TransformerDecoder", "Transformer", "LayerNorm", "RMSNorm", "Linear", "Embedding", "Dropout", "ReLU",
@@ -57,9 +59,9 @@ def _kind(m, ns, where: str) -> str:
         if type(m) is getattr(ns, name):
             return name
     cls = type(m)
+    hf = gpt2.HF_CLASSES + bert.HF_CLASSES + llama.HF_CLASSES
     raise TypeError(f"{where}: {cls.__module__}.{cls.__qualname__} is not supported; supported: "
-                    f"{', '.join(SUPPORTED)}, transformers' {', '.join(gpt2.HF_CLASSES + bert.HF_CLASSES)}, and nanoGPT/minGPT-"
-                    f"style GPTs")
+                    f"{', '.join(SUPPORTED)}, transformers' {', '.join(hf)}, and nanoGPT/minGPT-style GPTs")
 
 
 def _uniform(where: str, option: str, values):
@@ -245,8 +247,8 @@ def from_torch(module, dtype=None, device: str = None):
 
     module: one of SUPPORTED (torch.nn), a transformers GPT2LMHeadModel (-> npformer GPT) or
         GPT2ForSequenceClassification (-> SequenceClassifier), a nanoGPT/minGPT-style GPT (-> GPT), or
-        a transformers BertModel, BertForMaskedLM, BertForSequenceClassification or
-        BertForQuestionAnswering (-> the npformer.models class of the same name).
+        a transformers BertModel, BertForMaskedLM, BertForSequenceClassification,
+        BertForQuestionAnswering, LlamaForCausalLM or LlamaModel (-> the npformer.models class of the same name).
     dtype: np.float32 or np.float64; None keeps the module's own (float32 or float64).
     device: where the twin's weights live (NPFORMER_DEVICE when None).
     Raises TypeError for an unsupported module, ValueError for an unsupported option.
@@ -255,6 +257,8 @@ def from_torch(module, dtype=None, device: str = None):
     where = type(module).__name__
     if bert.hf_bert_kind(module) is not None:
         return bert.bert_from_hf(module, _np_dtype(torch, module, dtype, where), device)
+    if llama.hf_llama_kind(module) is not None:
+        return llama.llama_from_hf(module, _np_dtype(torch, module, dtype, where), device)
     hf = gpt2.hf_gpt2_kind(module)
     if hf is not None or gpt_like.is_gpt_like(module):
         np_dtype = _np_dtype(torch, module, dtype, where)
@@ -274,7 +278,7 @@ def from_torch(module, dtype=None, device: str = None):
 
 def to_torch(module, dtype=None, layout: str = None):
     """The torch twin of an npformer module: one of SUPPORTED, a GPT, a SequenceClassifier over a GPT,
-    or a BERT model (-> the transformers class of the same name).
+    or a BERT or LLaMA model (-> the transformers class of the same name).
 
     dtype: np.float32 or np.float64; None keeps the module's own. The twin is on torch's CPU.
     layout (a GPT only): "hf" -> transformers' GPT2LMHeadModel (needs biases), "nanogpt" -> npformer's
@@ -297,6 +301,8 @@ def to_torch(module, dtype=None, layout: str = None):
         return gpt2.classifier_to_hf(module, _torch_dtype(torch, module, dtype))
     if bert.is_bert(module):
         return bert.bert_to_hf(module, _torch_dtype(torch, module, dtype))
+    if llama.is_llama(module):
+        return llama.llama_to_hf(module, _torch_dtype(torch, module, dtype))
     where = type(module).__name__
     t_dtype = _torch_dtype(torch, module, dtype)
     with torch.random.fork_rng(devices=[]):

@@ -1,14 +1,16 @@
-"""Models built from npformer.nn: a GPT language model, BERT and its task heads, the encoder-decoder
-Transformer, and a sequence classifier over either."""
+"""Models built from npformer.nn: a GPT language model, BERT and its task heads, a LLaMA language
+model, the encoder-decoder Transformer, and a sequence classifier over a GPT or a Transformer."""
 
 from .bert import BaseModelOutputWithPooling, BertConfig, BertModel
 from .bert_heads import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, MaskedLMOutput,
                          QuestionAnsweringModelOutput, SequenceClassifierOutput)
 from .classifier import SequenceClassifier
 from .gpt import GPT, GPTConfig, KVCache
+from .llama import BaseModelOutputWithPast, CausalLMOutputWithPast, LlamaConfig, LlamaForCausalLM, LlamaModel
 from .seq2seq import DecoderKVCache, Seq2SeqConfig, Seq2SeqTransformer
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "Seq2SeqTransformer", "Seq2SeqConfig", "DecoderKVCache",
            "SequenceClassifier", "BertConfig", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
            "BertForQuestionAnswering", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
-           "QuestionAnsweringModelOutput"]
+           "QuestionAnsweringModelOutput", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "BaseModelOutputWithPast",
+           "CausalLMOutputWithPast"]

@@ -12,6 +12,7 @@ from .. import backend
 from ..autograd import no_grad
 from ..tensor import Tensor
 from .gpt import KVCache
+from .llama import LlamaForCausalLM
 
 
 def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = None, top_p: float = None) -> np.ndarray:
@@ -49,10 +50,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
              top_p: float = None, seed: int = 0, use_cache: bool = True, on_token=None) -> np.ndarray:
     """Extend idx (B, T) int by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens) on the host.
 
-    With use_cache each step feeds only the newest token and reuses the keys and
-    values of earlier positions. Once the context exceeds block_size, every step
-    re-encodes the last block_size tokens (absolute positions shift), exactly as
-    the uncached path does, so both give the same tokens for the same seed.
+    model: a GPT or a LlamaForCausalLM. With use_cache each step feeds only the newest token
+    and reuses the keys and values of earlier positions. Once a GPT's context exceeds
+    block_size, every step re-encodes the last block_size tokens (absolute positions shift),
+    exactly as the uncached path does, so both give the same tokens for the same seed. A
+    LLaMA has no such window: its rotary positions go on past max_position_embeddings, as
+    in HF's generate.
 
     on_token, if given, is called after each step with that step's new tokens, a (B,) int64
     host array of its own, e.g. to print text as it is produced; it does not change the result.
@@ -61,20 +64,20 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     idx = np.array(backend.to_numpy(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"generate: idx must have shape (B, T) with T >= 1; got {idx.shape}")
-    device = backend.device_of(model.transformer.wte.weight.data)
-    block = model.config.block_size
+    device = backend.device_of(model.parameters()[0].data)
+    block = None if isinstance(model, LlamaForCausalLM) else model.config.block_size   # None: no window
     was_training = model.training
     model.eval()
     cache = None
     try:
         with no_grad():
             for _ in range(max_new_tokens):
-                if cache is not None and cache.length < block:
+                if cache is not None and (block is None or _cached(cache) < block):
                     step = idx[:, -1:]                       # only the newest token
                 else:                                        # first step, no cache, or cache full
-                    step = idx[:, -block:]
-                    cache = KVCache(model.config.n_layer) if use_cache else None
-                logits, _ = model(backend.to_device(step, device), cache=cache)
+                    step = idx[:, -block:] if block else idx
+                    cache = None
+                logits, cache = _forward(model, backend.to_device(step, device), cache, use_cache)
                 last = backend.to_numpy(logits.data[:, -1, :])
                 probs = filter_logits(last, temperature, top_k, top_p)
                 nxt = np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
@@ -84,3 +87,18 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     finally:
         model.train(was_training)
     return idx
+
+
+def _forward(model, ids, cache, use_cache: bool):
+    """(logits (B, t, V), the cache for the next step or None). A GPT appends to its KVCache in
+    place (a fresh one when cache is None); a LLaMA returns its past_key_values anew, as HF's."""
+    if isinstance(model, LlamaForCausalLM):
+        out = model(ids, past_key_values=cache, use_cache=use_cache)
+        return out.logits, out.past_key_values
+    cache = cache if cache is not None or not use_cache else KVCache(model.config.n_layer)
+    return model(ids, cache=cache)[0], cache
+
+
+def _cached(cache) -> int:
+    """Positions in a KVCache, or in a LLaMA's past_key_values (k of layer 0: (B, Hkv, P, D))."""
+    return cache.length if isinstance(cache, KVCache) else cache[0][0].shape[2]

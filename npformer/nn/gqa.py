@@ -36,8 +36,8 @@ class GroupedQueryAttention(Module):
     of the submodule ``rotary_emb`` (a RotaryEmbedding; HF keeps one per model, outside
     LlamaAttention). The scores are scaled by D^-1/2.
 
-    Its buffers (rotary_emb.inv_freq, .cos_cached, .sin_cached) are in state_dict; HF's are not
-    saved, so load an HF LlamaAttention's weights with strict=False.
+    Its RoPE tables (rotary_emb.inv_freq, .cos_cached, .sin_cached) are non-persistent buffers, left
+    out of state_dict as HF leaves its own out: an HF LlamaAttention's state dict loads strictly.
     """
 
     def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int = None,
