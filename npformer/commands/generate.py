@@ -73,7 +73,8 @@ class TextStream:
 
 def run(args) -> None:
     from ..models.sampling import generate
-    from ..training.loading import load_gpt
+    from ..models.llama import LlamaForCausalLM
+    from ..training.loading import load_language_model
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
     if args.prompt == "":
@@ -88,7 +89,9 @@ def run(args) -> None:
         raise ValueError(f"--seed must be an integer >= 0; got {args.seed}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
-    model, tok = load_gpt(args.ckpt, device=args.device)
+    model, tok = load_language_model(args.ckpt, device=args.device)
+    llama = isinstance(model, LlamaForCausalLM)
+    window = model.config.max_position_embeddings if llama else model.config.block_size
     if args.prompt is None:
         try:
             tok.encode("\n")
@@ -96,8 +99,8 @@ def run(args) -> None:
         except ValueError:                  # a character vocabulary without a newline
             args.prompt = tok.decode([0])
     ids = tok.encode(args.prompt)
-    if len(ids) > model.config.block_size:
-        ids = ids[-model.config.block_size:]
+    if len(ids) > window:
+        ids = ids[-window:]
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
@@ -105,6 +108,6 @@ def run(args) -> None:
         stream = TextStream(tok)
         generate(model, np.asarray(ids).reshape(1, -1), args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, use_cache=args.use_cache,
-                 on_token=stream)
+                 on_token=stream, window=window if llama else None)
         stream.end()
         print(flush=True)

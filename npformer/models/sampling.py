@@ -47,15 +47,18 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = Non
 
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
-             top_p: float = None, seed: int = 0, use_cache: bool = True, on_token=None) -> np.ndarray:
+             top_p: float = None, seed: int = 0, use_cache: bool = True, on_token=None,
+             window: int = None) -> np.ndarray:
     """Extend idx (B, T) int by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens) on the host.
 
     model: a GPT or a LlamaForCausalLM. With use_cache each step feeds only the newest token
     and reuses the keys and values of earlier positions. Once a GPT's context exceeds
     block_size, every step re-encodes the last block_size tokens (absolute positions shift),
     exactly as the uncached path does, so both give the same tokens for the same seed. A
-    LLaMA has no such window: its rotary positions go on past max_position_embeddings, as
-    in HF's generate.
+    LLaMA has no such window unless `window` gives one: its rotary positions go on past
+    max_position_embeddings, as in HF's generate; with window=N (the length it was trained
+    on, say) it is cropped to the last N tokens as a GPT is to block_size. window is a
+    LLaMA option: a GPT's window is its block_size.
 
     on_token, if given, is called after each step with that step's new tokens, a (B,) int64
     host array of its own, e.g. to print text as it is produced; it does not change the result.
@@ -65,7 +68,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"generate: idx must have shape (B, T) with T >= 1; got {idx.shape}")
     device = backend.device_of(model.parameters()[0].data)
-    block = None if isinstance(model, LlamaForCausalLM) else model.config.block_size   # None: no window
+    if window is not None and not isinstance(model, LlamaForCausalLM):
+        raise ValueError("generate: window is a LLaMA option; a GPT's context window is its block_size")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"generate: window must be a positive integer or None; got {window!r}")
+    block = window if isinstance(model, LlamaForCausalLM) else model.config.block_size   # None: no window
     was_training = model.training
     model.eval()
     cache = None

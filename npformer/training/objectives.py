@@ -13,6 +13,8 @@ resumes the same way for both models; an objective supplies what differs:
     objective.show(tok, text, log)   what the end of a run prints: samples, or filled-in masks
 
 CausalLM (GPT): x = a block of block_size ids, y = x shifted by one; every position is a target.
+LlamaLM (LLaMA): the same batches and loss, on a LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, grouped-query
+attention with --n-kv-head key/value heads; no biases, untied embeddings, as LLaMA).
 
 MaskedLM (BERT): x = [CLS] + a block of block_size - 2 ids + [SEP], then data.mask_tokens chooses 15%
 of the ordinary tokens (80% -> [MASK], 10% -> a random id, 10% kept); y = the original id at the
@@ -35,16 +37,24 @@ from ..data.mlm import IGNORE_INDEX
 from ..models.bert import BertConfig
 from ..models.bert_heads import BertForMaskedLM
 from ..models.gpt import GPT, GPTConfig
+from ..models.llama import LlamaConfig, LlamaForCausalLM
 from ..models.sampling import generate
+from ..tensor import Tensor
 from .memory import shard_plan
 
-MODELS = ("gpt", "bert")
+MODELS = ("gpt", "bert", "llama")
 SHOWN = 40                              # tokens of each block shown by MaskedLM.show
 
 
 def make_objective(cfg, tok):
-    """The objective of cfg.model ("gpt" or "bert") for a checked PretrainConfig and its tokenizer."""
-    return {"gpt": CausalLM, "bert": MaskedLM}[cfg.model](cfg, tok)
+    """The objective of cfg.model ("gpt", "bert" or "llama") for a checked PretrainConfig and its tokenizer."""
+    return {"gpt": CausalLM, "bert": MaskedLM, "llama": LlamaLM}[cfg.model](cfg, tok)
+
+
+def llama_intermediate_size(n_embd: int) -> int:
+    """SwiGLU's width for a LLaMA as wide as a GPT of n_embd: three C x I matrices hold the 8 C^2 weights
+    of GPT's two C x 4C ones when I = 8C/3 (LLaMA's rule), rounded up to a multiple of 8."""
+    return -(-8 * n_embd // 24) * 8
 
 
 def _pieces(cfg) -> np.ndarray:
@@ -115,9 +125,41 @@ class CausalLM:
             prompt = tok.encode(val_text[:200])[:1]
         for i in range(cfg.samples):
             prompt = prompt.reshape(1, -1)
-            ids = generate(self.model, prompt, cfg.sample_tokens, temperature=0.8, top_k=None,
-                           seed=cfg.seed + 10 + i)
+            ids = generate(self.saved, prompt, cfg.sample_tokens, temperature=0.8, top_k=None,
+                           seed=cfg.seed + 10 + i,
+                           window=cfg.block_size if self.kind == "llama" else None)   # the length it learned
             log(f"--- sample {i + 1} ---\n{tok.decode(ids[0])}")
+
+
+class _CausalLMStep(nn.Module):
+    """LlamaForCausalLM called as the loop calls a GPT: model(x, y) -> (logits, loss), y the next tokens
+    (HF's labels are x itself, shifted inside the model; here the sampler has shifted them already)."""
+
+    def __init__(self, lm: LlamaForCausalLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x, y):
+        logits = self.lm(x).logits                                              # (B, T, V)
+        B, T, V = logits.shape
+        t = y.data if isinstance(y, Tensor) else y
+        return logits, nn.functional.cross_entropy(logits.reshape(B * T, V), t.reshape(B * T), ignore_index=-1)
+
+
+class LlamaLM(CausalLM):
+    """LLaMA: predict every next token, as GPT does."""
+
+    kind = "llama"
+
+    def __init__(self, cfg, tok):
+        self.cfg, self.tok = cfg, tok
+        self.config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=cfg.n_embd,
+                                  intermediate_size=llama_intermediate_size(cfg.n_embd), num_hidden_layers=cfg.n_layer,
+                                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                                  max_position_embeddings=cfg.block_size, attention_dropout=cfg.dropout,
+                                  bos_token_id=None, eos_token_id=None)
+        self.saved = LlamaForCausalLM(self.config, generator=np.random.default_rng(cfg.seed), device=cfg.device)
+        self.model = _CausalLMStep(self.saved)
 
 
 class _MaskedLMStep(nn.Module):

@@ -62,15 +62,16 @@ class OutOfMemory(RuntimeError):
     """A MemoryError inside the training loop, told in one line with the flags that lower memory."""
 
 
-MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+MODEL_FIELDS = ("model", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Every setting of a pretraining run (the CLI flags, by the same names)."""
-    model: str = "gpt"                  # "gpt" (causal LM) or "bert" (masked LM)
+    model: str = "gpt"                  # "gpt" or "llama" (causal LMs), or "bert" (masked LM)
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = None               # llama: key/value heads (grouped-query attention); None: n_head
     n_embd: int = 128
     block_size: int = 128
     max_positions: int = None           # bert: the position table (None: block_size); --resume may lengthen blocks
@@ -93,7 +94,7 @@ class PretrainConfig:
     workers: int = None                 # CPU workers of the data-parallel step; None: all usable cores
     shards: int = None                  # pieces each batch is cut into (None: about 512 tokens each)
     data: str = None                    # None: the built-in toy language
-    tokenizer: str = None               # "char", "bpe" or "wordpiece"; None: char for gpt, wordpiece for bert
+    tokenizer: str = None               # "char", "bpe" or "wordpiece"; None: wordpiece for bert, else char
     vocab_size: int = 512               # for --tokenizer bpe and wordpiece
     out: str = "out-pretrain"
     resume: bool = False
@@ -132,7 +133,7 @@ class PretrainConfig:
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
         need(self.model in MODELS, f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        tokenizer = self.tokenizer or {"gpt": "char", "bert": "wordpiece"}[self.model]
+        tokenizer = self.tokenizer or ("wordpiece" if self.model == "bert" else "char")
         need(tokenizer in ("char", "bpe", "wordpiece"),
              f"--tokenizer must be 'char', 'bpe' or 'wordpiece'; got {tokenizer!r}")
         need(tokenizer != "bpe" or self.vocab_size > 256, f"--vocab-size must exceed 256 for bpe; got {self.vocab_size}")
@@ -143,6 +144,13 @@ class PretrainConfig:
                                            f"tokens); got --tokenizer {tokenizer}")
             need(self.bias, "--no-bias is a GPT option: BERT's layers always have biases")
             need(self.block_size >= 3, f"--block-size must be >= 3 for bert ([CLS], a token, [SEP]); got {self.block_size}")
+        kv = self.n_kv_head
+        need(kv is None or self.model == "llama", "--n-kv-head is a LLaMA option (grouped-query attention)")
+        need(kv is None or (isinstance(kv, int) and not isinstance(kv, bool) and kv >= 1 and self.n_head % kv == 0),
+             f"--n-kv-head must be a positive integer dividing --n-head ({self.n_head}); got {kv}")
+        need(self.model != "llama" or (self.n_embd // self.n_head) % 2 == 0,
+             f"--n-embd / --n-head must be even for llama (RoPE rotates pairs of features); got "
+             f"{self.n_embd} / {self.n_head}")
         need(self.max_positions is None or self.model == "bert",
              "--max-positions is a BERT option (a GPT's position table is --block-size)")
         need(self.max_positions is None or (isinstance(self.max_positions, int) and self.max_positions >= self.block_size),
