@@ -1,6 +1,7 @@
 """Models built from npformer.nn: a GPT language model, BERT and its task heads, a LLaMA language
-model, the encoder-decoder Transformer, and a sequence classifier over a GPT or a Transformer."""
+model, BART, the encoder-decoder Transformer, and a sequence classifier over a GPT or a Transformer."""
 
+from .bart import BartConfig, BartForConditionalGeneration, BartModel
 from .bert import BaseModelOutputWithPooling, BertConfig, BertModel
 from .bert_heads import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, MaskedLMOutput,
                          QuestionAnsweringModelOutput, SequenceClassifierOutput)
@@ -13,4 +14,4 @@ __all__ = ["GPT", "GPTConfig", "KVCache", "Seq2SeqTransformer", "Seq2SeqConfig",
            "SequenceClassifier", "BertConfig", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
            "BertForQuestionAnswering", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
            "QuestionAnsweringModelOutput", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "BaseModelOutputWithPast",
-           "CausalLMOutputWithPast"]
+           "CausalLMOutputWithPast", "BartConfig", "BartModel", "BartForConditionalGeneration"]
