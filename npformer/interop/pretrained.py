@@ -15,6 +15,7 @@ the head:
     llama: LlamaForCausalLM, LlamaModel -> npformer.models of the same names (llama.py: default RoPE
           only; a tied lm_head is not in the file, as transformers writes it)
     bart: BartForConditionalGeneration, BartModel -> npformer.models of the same names (bart.py)
+    t5: T5ForConditionalGeneration, T5Model -> npformer.models of the same names (t5.py)
 Fields absent from config.json take transformers' defaults (save_pretrained writes only the
 non-default ones). dtype: the npformer dtype; None keeps the checkpoint's float32 / float64 (other
 float dtypes get npformer's default dtype). The tokenizer (with_tokenizer=True) is
@@ -48,7 +49,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import backend
-from . import bart, llama
+from . import bart, llama, t5
 
 CONFIG, WEIGHTS, TORCH_WEIGHTS = "config.json", "model.safetensors", "pytorch_model.bin"
 BERT_ARCHS = {"BertModel": "BertModel", "BertForMaskedLM": "BertForMaskedLM", "BertForPreTraining": "BertForMaskedLM",
@@ -112,9 +113,11 @@ def _architecture(cfg: dict, file: str, architecture: str = None) -> tuple:
         arch, known = (archs[0] if archs else "LlamaForCausalLM"), LLAMA_ARCHS
     elif model_type == "bart":
         arch, known = (archs[0] if archs else "BartForConditionalGeneration"), bart.HF_CLASSES
+    elif model_type == "t5":
+        arch, known = (archs[0] if archs else "T5ForConditionalGeneration"), t5.HF_CLASSES
     else:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: 'bert', 'gpt2', 'llama', "
-                         f"'bart'")
+                         f"'bart', 't5'")
     if arch not in known:
         what = f"architecture={arch!r}" if architecture is not None else f"architectures {archs!r}"
         raise ValueError(f"{file}: {what} is not supported for model_type {model_type!r}; "
@@ -312,7 +315,7 @@ def from_pretrained(path, dtype=None, *, with_tokenizer: bool = False, device: s
     dtype = _dtype(dtype, state)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     load = {"bert": _load_bert, "gpt2": _load_gpt2, "llama": llama.load_pretrained,
-            "bart": bart.load_pretrained}[model_type]
+            "bart": bart.load_pretrained, "t5": t5.load_pretrained}[model_type]
     model, report = load(cfg, arch, state, file, dtype, device, (rng, bool(ignore_mismatched_sizes)))
     _report(path, arch, *report)
     model.train(False)
@@ -395,13 +398,15 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     which transformers' from_pretrained (and from_pretrained here) load; tokenizer: a WordPieceTokenizer
     written alongside (vocab.txt, tokenizer_config.json). Supported: the npformer BERT models of
     bert.HF_CLASSES, GPT (as GPT2LMHeadModel), SequenceClassifier over a GPT (GPT2ForSequenceClassification),
-    LlamaForCausalLM and LlamaModel, BartForConditionalGeneration and BartModel."""
-    exported = _bert_export(model) or _gpt2_export(model) or llama.export(model) or bart.export(model)
+    LlamaForCausalLM and LlamaModel, BartForConditionalGeneration and BartModel, T5ForConditionalGeneration
+    and T5Model."""
+    exported = (_bert_export(model) or _gpt2_export(model) or llama.export(model) or bart.export(model)
+                or t5.export(model))
     if exported is None:
         raise TypeError(f"save_pretrained: {type(model).__name__} has no HF checkpoint form; supported: BertModel, "
                         f"BertForMaskedLM, BertForSequenceClassification, BertForQuestionAnswering, GPT, "
                         f"SequenceClassifier over a GPT, LlamaForCausalLM, LlamaModel, BartForConditionalGeneration, "
-                        f"BartModel")
+                        f"BartModel, T5ForConditionalGeneration, T5Model")
     cfg, state = exported
     cfg["dtype"] = _dtype_name(state)
     stn = _safetensors_numpy()

@@ -18,6 +18,8 @@ LLaMA (see llama.py; HF's parameter names, weights copied by name):
     transformers' LlamaForCausalLM, LlamaModel <-> npformer.models' classes of the same names
 BART (see bart.py; HF's parameter names, weights copied by name):
     transformers' BartForConditionalGeneration, BartModel <-> npformer.models' classes of the same names
+T5 (see t5.py; HF's parameter names, weights copied by name):
+    transformers' T5ForConditionalGeneration, T5Model <-> npformer.models' classes of the same names
 to_torch of a GPT: layout="hf" (GPT2LMHeadModel; needs biases) or "nanogpt" (TorchGPT, any GPT);
 by default the layout the GPT came from (from_torch), else "hf" when it has biases.
 
@@ -35,7 +37,7 @@ import numpy as np
 
 from .. import backend, random
 from .. import nn
-from . import bart, bert, gpt2, gpt_like, llama
+from . import bart, bert, gpt2, gpt_like, llama, t5
 
 SUPPORTED = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
              "TransformerDecoder", "Transformer", "LayerNorm", "RMSNorm", "Linear", "Embedding", "Dropout", "ReLU",
@@ -61,7 +63,7 @@ def _kind(m, ns, where: str) -> str:
         if type(m) is getattr(ns, name):
             return name
     cls = type(m)
-    hf = gpt2.HF_CLASSES + bert.HF_CLASSES + llama.HF_CLASSES + bart.HF_CLASSES
+    hf = gpt2.HF_CLASSES + bert.HF_CLASSES + llama.HF_CLASSES + bart.HF_CLASSES + t5.HF_CLASSES
     raise TypeError(f"{where}: {cls.__module__}.{cls.__qualname__} is not supported; supported: "
                     f"{', '.join(SUPPORTED)}, transformers' {', '.join(hf)}, and nanoGPT/minGPT-style GPTs")
 
@@ -263,6 +265,8 @@ def from_torch(module, dtype=None, device: str = None):
         return llama.llama_from_hf(module, _np_dtype(torch, module, dtype, where), device)
     if bart.hf_bart_kind(module) is not None:
         return bart.bart_from_torch(module, _np_dtype(torch, module, dtype, where), device)
+    if t5.hf_t5_kind(module) is not None:
+        return t5.t5_from_torch(module, _np_dtype(torch, module, dtype, where), device)
     hf = gpt2.hf_gpt2_kind(module)
     if hf is not None or gpt_like.is_gpt_like(module):
         np_dtype = _np_dtype(torch, module, dtype, where)
@@ -309,6 +313,8 @@ def to_torch(module, dtype=None, layout: str = None):
         return llama.llama_to_hf(module, _torch_dtype(torch, module, dtype))
     if bart.is_bart(module):
         return bart.bart_to_torch(module, dtype)
+    if t5.is_t5(module):
+        return t5.t5_to_torch(module, dtype)
     where = type(module).__name__
     t_dtype = _torch_dtype(torch, module, dtype)
     with torch.random.fork_rng(devices=[]):
