@@ -22,9 +22,9 @@ def test_short_then_long_pretraining_leaves_the_plateau_and_helps_question_answe
                            max_iters=1500, lr_decay_iters=2100, eval_interval=500, workers=1, samples=0,
                            device="cpu", out=out)
     short = pretrain(first, log=quiet)
-    assert short["val_loss"] < 1.8 and short["val_accuracy"] > 0.40     # docs: 1.6252, 45.2% (plateau: 3.4, 23%)
+    assert short["val_loss"] < 1.9 and short["val_accuracy"] > 0.35     # docs: 1.7469, 39.5% (plateau: 3.6, 16%)
     long = pretrain(dataclasses.replace(first, block_size=96, max_iters=2100, resume=True), log=quiet)
-    assert long["val_loss"] < 2.3 and long["val_accuracy"] > 0.35       # docs: 1.9530, 42.0%
+    assert long["val_loss"] < 2.3 and long["val_accuracy"] > 0.32       # docs: 2.0838, 36.3%
 
     scores = {}
     for init in ("pretrained", "scratch"):
