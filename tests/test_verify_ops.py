@@ -118,6 +118,9 @@ for approx in ("none", "tanh"):
     case("gelu", approx, [x.reshape(23, 1)], lambda a, m=approx: nf.gelu(a, approximate=m),
          lambda a, m=approx: F.gelu(a, approximate=m), f32=True, atol32=1e-6)
 
+x = np.concatenate([randn(20) * 3, [0.0, -40.0, 40.0]])
+case("silu", "wide", [x.reshape(23, 1)], nf.silu, F.silu, f32=True)
+
 # ----------------------------------------------------------------------------- matmul
 MATMUL_SHAPES = {"2d": ((3, 4), (4, 5)), "1d-2d": ((4,), (4, 5)), "2d-1d": ((3, 4), (4,)),
                  "1d-1d": ((4,), (4,)), "1d-3d": ((4,), (2, 4, 3)), "3d-1d": ((2, 3, 4), (4,)),
@@ -285,6 +288,12 @@ case("layer_norm", "plain", [randn(4, 6) * 5 + 3], lambda a: nf.layer_norm(a, (6
      lambda a: F.layer_norm(a, (6,)))
 case("layer_norm", "weight-only", [randn(4, 6), randn(6)], lambda a, w: nf.layer_norm(a, (6,), weight=w),
      lambda a, w: F.layer_norm(a, (6,), weight=w))
+case("rms_norm", "weight", [randn(2, 3, 6), randn(6)], lambda a, w: nf.rms_norm(a, 6, w),
+     lambda a, w: F.rms_norm(a, (6,), w), f32=True)
+case("rms_norm", "2-axes-eps", [randn(2, 3, 4) * 5 + 3], lambda a: nf.rms_norm(a, (3, 4), eps=1e-6),
+     lambda a: F.rms_norm(a, (3, 4), eps=1e-6))
+case("rms_norm", "default-eps", [randn(4, 6)], lambda a: nf.rms_norm(a, (6,)), lambda a: F.rms_norm(a, (6,)),
+     f32=True)
 case("layer_norm", "2-axes", [randn(2, 3, 4), randn(3, 4), randn(3, 4)],
      lambda a, w, b: nf.layer_norm(a, (3, 4), w, b, eps=1e-6), lambda a, w, b: F.layer_norm(a, (3, 4), w, b, eps=1e-6))
 
