@@ -8,7 +8,7 @@ from .bert_heads import (BertForMaskedLM, BertForQuestionAnswering, BertForSeque
 from .classifier import SequenceClassifier
 from .gpt import GPT, GPTConfig, KVCache
 from .llama import BaseModelOutputWithPast, CausalLMOutputWithPast, LlamaConfig, LlamaForCausalLM, LlamaModel
-from .seq2seq import DecoderKVCache, Seq2SeqConfig, Seq2SeqTransformer
+from .seq2seq import DecoderKVCache, Seq2SeqConfig, Seq2SeqLMOutput, Seq2SeqModelOutput, Seq2SeqTransformer
 from .t5 import T5Config, T5ForConditionalGeneration, T5Model
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "Seq2SeqTransformer", "Seq2SeqConfig", "DecoderKVCache",
@@ -16,4 +16,4 @@ __all__ = ["GPT", "GPTConfig", "KVCache", "Seq2SeqTransformer", "Seq2SeqConfig",
            "BertForQuestionAnswering", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
            "QuestionAnsweringModelOutput", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "BaseModelOutputWithPast",
            "CausalLMOutputWithPast", "BartConfig", "BartModel", "BartForConditionalGeneration",
-           "T5Config", "T5Model", "T5ForConditionalGeneration"]
+           "T5Config", "T5Model", "T5ForConditionalGeneration", "Seq2SeqModelOutput", "Seq2SeqLMOutput"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from ..tensor import Tensor
 from .bert import ACT2FN as _BERT_ACT2FN
 from .bert import BertPreTrainedModel
 from .config import require_divisible, require_dropout, require_positive_ints
-from .seq2seq import DecoderKVCache
+from .seq2seq import DecoderKVCache, Seq2SeqLMOutput, Seq2SeqModelOutput
 
 # activation_function (HF's ACT2FN names) -> the function
 ACT2FN = {**_BERT_ACT2FN, "silu": F.silu, "swish": F.silu, "tanh": F.tanh}
@@ -112,23 +112,6 @@ class BartConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class Seq2SeqModelOutput(NamedTuple):
-    """BartModel's output, in HF's field order: the decoder's last_hidden_state (B, T, D), past_key_values
-    (a DecoderKVCache, or None), encoder_last_hidden_state (B, S, D)."""
-    last_hidden_state: Tensor
-    past_key_values: Optional[DecoderKVCache]
-    encoder_last_hidden_state: Tensor
-
-
-class Seq2SeqLMOutput(NamedTuple):
-    """BartForConditionalGeneration's output, in HF's field order: loss (or None), logits (B, T, V),
-    past_key_values (a DecoderKVCache, or None), encoder_last_hidden_state (B, S, D)."""
-    loss: Optional[Tensor]
-    logits: Tensor
-    past_key_values: Optional[DecoderKVCache]
-    encoder_last_hidden_state: Tensor
 
 
 def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int):

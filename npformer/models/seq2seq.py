@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -109,6 +110,25 @@ class DecoderKVCache:
 # ----------------------------------------------------------------------------- cached decoder path
 # TransformerDecoderLayer.forward, for new target positions only, reading the layer's own weights
 # (in_proj_weight is [W^Q; W^K; W^V], as MultiHeadAttention stores it). Tested equal to the full path.
+
+class Seq2SeqModelOutput(NamedTuple):
+    """An HF-style encoder-decoder's output (BartModel, T5Model), in HF's field order: the decoder's
+    last_hidden_state (B, T, D), past_key_values (a DecoderKVCache, or None), encoder_last_hidden_state
+    (B, S, D)."""
+    last_hidden_state: Tensor
+    past_key_values: Optional["DecoderKVCache"]
+    encoder_last_hidden_state: Tensor
+
+
+class Seq2SeqLMOutput(NamedTuple):
+    """An HF-style encoder-decoder LM's output (BartForConditionalGeneration, T5ForConditionalGeneration),
+    in HF's field order: loss (labels given) or None, logits (B, T, V), past_key_values (a DecoderKVCache,
+    or None), encoder_last_hidden_state (B, S, D)."""
+    loss: Optional[Tensor]
+    logits: Tensor
+    past_key_values: Optional["DecoderKVCache"]
+    encoder_last_hidden_state: Tensor
+
 
 def _project(attn: nn.MultiHeadAttention, x: Tensor, which: int) -> Tensor:
     """Query (0), key (1) or value (2) projection of x (B, L, D), split into heads: (B, H, L, d)."""

@@ -53,7 +53,7 @@ from ..nn.relative import relative_position_bucket
 from ..ops._core import constant
 from ..tensor import Tensor
 from .config import require_positive_ints
-from .seq2seq import DecoderKVCache
+from .seq2seq import DecoderKVCache, Seq2SeqLMOutput, Seq2SeqModelOutput
 
 FEED_FORWARD_PROJ = ("relu", "gated-gelu")
 
@@ -129,23 +129,6 @@ class T5StackOutput(NamedTuple):
     """A stack's output: last_hidden_state (B, L, D); past_key_values (the decoder's cache) or None."""
     last_hidden_state: Tensor
     past_key_values: Optional[DecoderKVCache]
-
-
-class Seq2SeqModelOutput(NamedTuple):
-    """T5Model's output, in HF's field order: the decoder's last_hidden_state (B, T, D), past_key_values
-    (a DecoderKVCache, or None), encoder_last_hidden_state (B, S, D)."""
-    last_hidden_state: Tensor
-    past_key_values: Optional[DecoderKVCache]
-    encoder_last_hidden_state: Tensor
-
-
-class Seq2SeqLMOutput(NamedTuple):
-    """T5ForConditionalGeneration's output, in HF's field order: loss (labels given) or None, logits
-    (B, T, V), past_key_values (a DecoderKVCache, or None), encoder_last_hidden_state (B, S, D)."""
-    loss: Optional[Tensor]
-    logits: Tensor
-    past_key_values: Optional[DecoderKVCache]
-    encoder_last_hidden_state: Tensor
 
 
 # ----------------------------------------------------------------------------- layers
