@@ -11,7 +11,7 @@ npformer computes (use_cache, num_labels, classifier_dropout, is_encoder_decoder
 normalize_before / add_final_layer_norm / add_bias_logits, which transformers 5 ignores too) are not
 carried. What npformer's BART cannot mirror raises ValueError naming the field: LayerDrop
 (encoder_layerdrop / decoder_layerdrop > 0), list-valued token ids, an activation_function that is
-not one of bart.ACT2FN's.
+not one of bart_layers.ACT2FN's.
 
 Weights: the state-dict names and layouts are HF's, so they are copied by name. With
 tie_word_embeddings, transformers writes the shared embedding once, as ``model.shared.weight``
