@@ -44,40 +44,24 @@ from ..nn import functional as F
 from ..nn import init
 from ..ops._core import constant
 from ..tensor import Tensor
-from .bert import BertPreTrainedModel
+from .hf_base import PreTrainedModel
 from .bart_layers import BartConfig, BartDecoder, BartEncoder, BartScaledWordEmbedding, shift_tokens_right
 from .seq2seq import DecoderKVCache, Seq2SeqLMOutput, Seq2SeqModelOutput
 
 
 # ----------------------------------------------------------------------------- models
 
-class BartPreTrainedModel(nn.Module):
+class BartPreTrainedModel(PreTrainedModel):
     """Base of the BART models: the config, HF's initialisation, dtype and device, input checks.
 
-    A subclass builds its layers inside ``with self.building(dtype):`` (as BertPreTrainedModel),
+    A subclass builds its layers inside ``with self.building(dtype):`` (hf_base.PreTrainedModel),
     then calls ``self.post_init(generator, device, init_weights)``.
     """
-    building = staticmethod(BertPreTrainedModel.building)
-    post_init = BertPreTrainedModel.post_init
+    config_class = BartConfig
 
     def __init__(self, config: BartConfig):
-        super().__init__()
-        if not isinstance(config, BartConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a BartConfig; got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self._where = type(self).__name__                 # the name errors are reported under
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """npformer.interop.bart.bart_from_pretrained(path, architecture=this class, **kwargs)."""
-        from ..interop.bart import bart_from_pretrained
-        return bart_from_pretrained(path, architecture=None if cls is BartPreTrainedModel else cls.__name__,
-                                    **kwargs)
-
-    def save_pretrained(self, path) -> None:
-        """npformer.interop.bart.bart_save_pretrained(self, path): config.json, model.safetensors, as HF writes them."""
-        from ..interop.bart import bart_save_pretrained
-        bart_save_pretrained(self, path)
 
     def _init_weights(self, generator):
         """HF's: Linear and Embedding weights (positions too) N(0, init_std^2), the padding rows then

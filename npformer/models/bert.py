@@ -15,20 +15,19 @@ add. The task heads (BertForMaskedLM, ...) are in bert_heads.py.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .. import backend, random
+from .. import backend
 from .. import nn
-from ..dtypes import default_dtype, resolve
 from ..nn import functional as F
 from ..nn import init
 from ..ops._core import constant
 from ..tensor import Tensor
 from .config import require_divisible, require_dropout, require_positive_ints
+from .hf_base import PreTrainedModel
 
 # hidden_act -> the function (HF's ACT2FN names): "gelu" is the exact erf form, the other two
 # GELUs the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -237,7 +236,7 @@ class BertPooler(nn.Module):
 
 # ----------------------------------------------------------------------------- models
 
-class BertPreTrainedModel(nn.Module):
+class BertPreTrainedModel(PreTrainedModel):
     """Base of the BERT models: the config, HF's initialisation, the dtype and the device.
 
     A subclass builds its layers inside ``with self.building(dtype):`` (default dtype `dtype`, the
@@ -245,37 +244,7 @@ class BertPreTrainedModel(nn.Module):
     untouched), then calls ``self.post_init(generator, device, init_weights)``.
     """
 
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        if not isinstance(config, BertConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a BertConfig; got {type(config).__name__}")
-        self.config = config
-
-    @staticmethod
-    @contextlib.contextmanager
-    def building(dtype):
-        """Inside: `dtype` (npformer's default when None) is the default dtype, and layers draw their
-        own initialisation (overwritten by post_init) from a throwaway generator."""
-        with random.thread_default_generator(np.random.default_rng(0), "cpu"), default_dtype(resolve(dtype)):
-            yield
-
-    def post_init(self, generator=None, device: str = None, init_weights: bool = True):
-        """HF's initialisation (when init_weights), then move every weight to `device`."""
-        if init_weights:
-            self._init_weights(generator)
-        return self.to(device=device or backend.default_device())
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """HF's classmethod: npformer.interop.from_pretrained(path, architecture=this class, **kwargs), e.g.
-        BertForSequenceClassification.from_pretrained(dir, num_labels=2) on a masked-LM directory."""
-        from ..interop.pretrained import from_pretrained
-        return from_pretrained(path, architecture=None if cls is BertPreTrainedModel else cls.__name__, **kwargs)
-
-    def save_pretrained(self, path, tokenizer=None) -> None:
-        """npformer.interop.save_pretrained(self, path, tokenizer=tokenizer): config.json, model.safetensors."""
-        from ..interop.pretrained import save_pretrained
-        save_pretrained(self, path, tokenizer=tokenizer)
+    config_class = BertConfig
 
     def _init_weights(self, generator):
         """HF's BERT initialisation: Linear and Embedding weights N(0, initializer_range^2) (the

@@ -22,7 +22,6 @@ negative position ids, masks and caches of the wrong shape.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from dataclasses import asdict, dataclass
@@ -30,14 +29,14 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .. import backend, random
+from .. import backend
 from .. import nn
-from ..dtypes import default_dtype, resolve
 from ..nn import functional as F
 from ..nn import init
 from ..ops._core import constant
 from ..tensor import Tensor
 from .config import require_positive_ints
+from .hf_base import PreTrainedModel
 
 # hidden_act (HF's ACT2FN names) -> GatedFeedForward's activation
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -163,29 +162,11 @@ class LlamaDecoderLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- models
 
-class LlamaPreTrainedModel(nn.Module):
-    """Base of the LLaMA models: the config, HF's initialisation, the dtype and the device (as
-    BertPreTrainedModel: build the layers inside ``with self.building(dtype):``, then post_init)."""
+class LlamaPreTrainedModel(PreTrainedModel):
+    """Base of the LLaMA models: the config, HF's initialisation, the dtype and the device (as every
+    hf_base.PreTrainedModel: build the layers inside ``with self.building(dtype):``, then post_init)."""
 
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        if not isinstance(config, LlamaConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a LlamaConfig; got {type(config).__name__}")
-        self.config = config
-
-    @staticmethod
-    @contextlib.contextmanager
-    def building(dtype):
-        """Inside: `dtype` is the default dtype, and the layers' own initialisation (overwritten by
-        post_init) comes from a throwaway generator, leaving the process's global one untouched."""
-        with random.thread_default_generator(np.random.default_rng(0), "cpu"), default_dtype(resolve(dtype)):
-            yield
-
-    def post_init(self, generator=None, device: str = None, init_weights: bool = True):
-        """HF's initialisation (when init_weights), then move every weight to `device`."""
-        if init_weights:
-            self._init_weights(generator)
-        return self.to(device=device or backend.default_device())
+    config_class = LlamaConfig
 
     def _init_weights(self, generator):
         """HF's: Linear and Embedding weights N(0, initializer_range^2) (the padding row then zero),
@@ -203,17 +184,6 @@ class LlamaPreTrainedModel(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                 m.weight.data[m.padding_idx] = 0
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """npformer.interop.from_pretrained(path, architecture=this class, **kwargs)."""
-        from ..interop.pretrained import from_pretrained
-        return from_pretrained(path, architecture=None if cls is LlamaPreTrainedModel else cls.__name__, **kwargs)
-
-    def save_pretrained(self, path) -> None:
-        """npformer.interop.save_pretrained(self, path): config.json and model.safetensors, as HF writes them."""
-        from ..interop.pretrained import save_pretrained
-        save_pretrained(self, path)
 
 
 class LlamaModel(LlamaPreTrainedModel):

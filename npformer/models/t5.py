@@ -36,53 +36,34 @@ T5Config and the layers are in t5_layers.py; this file holds the models.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import numpy as np
 
-from .. import backend, random
+from .. import backend
 from .. import nn
 from ..autograd import no_grad
-from ..dtypes import default_dtype, resolve
 from ..nn import functional as F
 from ..nn import init
 from ..tensor import Tensor
+from .hf_base import PreTrainedModel
 from .seq2seq import DecoderKVCache, Seq2SeqLMOutput, Seq2SeqModelOutput
 from .t5_layers import T5Config, T5Stack
 
 
 # ----------------------------------------------------------------------------- models
 
-class T5PreTrainedModel(nn.Module):
+class T5PreTrainedModel(PreTrainedModel):
     """Base of T5Model and T5ForConditionalGeneration: the config, the trunk (shared, encoder, decoder),
-    HF's initialisation, the dtype and the device (as BertPreTrainedModel: the layers are built inside
+    HF's initialisation, the dtype and the device (as every hf_base.PreTrainedModel: the layers are built inside
     ``with self.building(dtype):``, then post_init)."""
 
-    def __init__(self, config: T5Config):
-        super().__init__()
-        if not isinstance(config, T5Config):
-            raise TypeError(f"{type(self).__name__}: config must be a T5Config; got {type(config).__name__}")
-        self.config = config
-
-    @staticmethod
-    @contextlib.contextmanager
-    def building(dtype):
-        """Inside: `dtype` is the default dtype, and the layers' own initialisation (overwritten by
-        post_init) comes from a throwaway generator, leaving the process's global one untouched."""
-        with random.thread_default_generator(np.random.default_rng(0), "cpu"), default_dtype(resolve(dtype)):
-            yield
+    config_class = T5Config
 
     def _build_trunk(self, config: T5Config) -> None:
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.shared, is_decoder=False)
         self.decoder = T5Stack(config, self.shared, is_decoder=True)
-
-    def post_init(self, generator=None, device: str = None, init_weights: bool = True):
-        """HF's initialisation (when init_weights), then move every weight to `device`."""
-        if init_weights:
-            self._init_weights(generator)
-        return self.to(device=device or backend.default_device())
 
     def _init_weights(self, generator):
         """HF's T5 initialisation, every standard deviation times initializer_factor: shared and an untied
@@ -119,18 +100,6 @@ class T5PreTrainedModel(nn.Module):
         out = self.decoder(decoder_input_ids, decoder_attention_mask, h, attention_mask, decoder_inputs_embeds,
                            past_key_values, use_cache)
         return out, h
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device: str = None):
-        """npformer.interop.t5.t5_from_pretrained(path, dtype, device): an HF checkpoint directory."""
-        from ..interop.t5 import t5_from_pretrained
-        return t5_from_pretrained(path, dtype, device=device,
-                                  architecture=None if cls is T5PreTrainedModel else cls.__name__)
-
-    def save_pretrained(self, path) -> None:
-        """npformer.interop.t5.t5_save_pretrained(self, path): config.json and model.safetensors, as HF writes them."""
-        from ..interop.t5 import t5_save_pretrained
-        t5_save_pretrained(self, path)
 
 
 class T5Model(T5PreTrainedModel):
