@@ -13,7 +13,7 @@ from .. import backend, nn, ops
 from ..nn import functional as F
 from ..tensor import Tensor
 from .bert import ACT2FN as _BERT_ACT2FN
-from .config import require_divisible, require_dropout, require_positive_ints
+from .config import require_bools, require_divisible, require_dropout, require_positive_ints, require_token_ids
 from .seq2seq import DecoderKVCache
 
 # activation_function (HF's ACT2FN names) -> the function
@@ -66,15 +66,8 @@ class BartConfig:
         v = self.init_std
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not v >= 0:
             raise ValueError(f"BartConfig.init_std must be a number >= 0; got {v!r}")
-        for name in TOKEN_FIELDS:
-            t = getattr(self, name)
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, np.integer))
-                                  or not 0 <= t < self.vocab_size):
-                raise ValueError(f"BartConfig.{name} must be None or an int in [0, vocab_size) = "
-                                 f"[0, {self.vocab_size}); got {t!r}")
-        for name in ("scale_embedding", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"BartConfig.{name} must be True or False; got {getattr(self, name)!r}")
+        require_token_ids(self, TOKEN_FIELDS)
+        require_bools(self, ("scale_embedding", "tie_word_embeddings"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,7 +26,7 @@ from ..nn import functional as F
 from ..nn import init
 from ..ops._core import constant
 from ..tensor import Tensor
-from .config import require_divisible, require_dropout, require_positive_ints
+from .config import require_divisible, require_dropout, require_positive_ints, require_token_ids
 from .hf_base import PreTrainedModel
 
 # hidden_act -> the function (HF's ACT2FN names): "gelu" is the exact erf form, the other two
@@ -79,11 +79,7 @@ class BertConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (
                     v > 0 if low == "> 0" else v >= 0):
                 raise ValueError(f"BertConfig.{name} must be a number {low}; got {v!r}")
-        p = self.pad_token_id
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, np.integer))
-                              or not 0 <= p < self.vocab_size):
-            raise ValueError(f"BertConfig.pad_token_id must be None or an int in [0, vocab_size) = "
-                             f"[0, {self.vocab_size}); got {p!r}")
+        require_token_ids(self, ("pad_token_id",))
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"BertConfig.problem_type must be None or one of {', '.join(map(repr, PROBLEM_TYPES))}; "
                              f"got {self.problem_type!r}")

@@ -35,7 +35,7 @@ from ..nn import functional as F
 from ..nn import init
 from ..ops._core import constant
 from ..tensor import Tensor
-from .config import require_positive_ints
+from .config import require_bools, require_positive_ints, require_token_ids
 from .hf_base import PreTrainedModel
 
 # hidden_act (HF's ACT2FN names) -> GatedFeedForward's activation
@@ -103,18 +103,10 @@ class LlamaConfig:
         v = self.attention_dropout
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0:
             raise ValueError(f"{owner}.attention_dropout must be in [0, 1); got {v!r}")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{owner}.{name} must be True or False; got {getattr(self, name)!r}")
+        require_bools(self, ("tie_word_embeddings", "attention_bias", "mlp_bias"))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            ids = value if isinstance(value, tuple) and name == "eos_token_id" else (value,)
-            if value is not None and not all(not isinstance(i, bool) and isinstance(i, numbers.Integral)
-                                             and 0 <= i < self.vocab_size for i in ids):
-                raise ValueError(f"{owner}.{name} must be None or an int in [0, vocab_size) = [0, {self.vocab_size})"
-                                 f"{' (or a list of them)' if name == 'eos_token_id' else ''}; got {value!r}")
+        require_token_ids(self, ("pad_token_id", "bos_token_id", "eos_token_id"), lists=("eos_token_id",))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,7 @@ from ..nn import functional as F
 from ..nn.relative import relative_position_bucket
 from ..ops._core import constant
 from ..tensor import Tensor
-from .config import require_positive_ints
+from .config import require_bools, require_positive_ints, require_token_ids
 from .seq2seq import DecoderKVCache
 
 FEED_FORWARD_PROJ = ("relu", "gated-gelu")
@@ -76,15 +76,8 @@ class T5Config:
         if self.feed_forward_proj not in FEED_FORWARD_PROJ:
             raise ValueError(f"{owner}.feed_forward_proj must be one of {', '.join(map(repr, FEED_FORWARD_PROJ))}; "
                              f"got {self.feed_forward_proj!r}")
-        for name in ("tie_word_embeddings", "scale_decoder_outputs"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{owner}.{name} must be True or False; got {getattr(self, name)!r}")
-        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-            i = getattr(self, name)
-            if i is not None and (isinstance(i, bool) or not isinstance(i, numbers.Integral)
-                                  or not 0 <= i < self.vocab_size):
-                raise ValueError(f"{owner}.{name} must be None or an int in [0, vocab_size) = [0, {self.vocab_size}); "
-                                 f"got {i!r}")
+        require_bools(self, ("tie_word_embeddings", "scale_decoder_outputs"))
+        require_token_ids(self, ("pad_token_id", "eos_token_id", "decoder_start_token_id"))
 
     def to_dict(self) -> dict:
         return asdict(self)
