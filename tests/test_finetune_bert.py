@@ -68,6 +68,37 @@ def test_from_scratch_differs_from_pretrained_only_in_the_initial_weights(tmp_pa
                            atol=1e-2)
 
 
+def test_reinit_layers_draws_the_top_layers_fresh_and_keeps_the_rest(bert_run):
+    """--reinit-layers N: the top N encoder layers hold a fresh model's weights (same seed as the head), the
+    embeddings and lower layers the checkpoint's."""
+    from npformer.training.finetune_bert import _reinit_top_layers, load_bert
+    model, _ = load_bert(bert_run, "BertForQuestionAnswering", 2, 3, "cpu", quiet)
+    before = {k: np.array(v) for k, v in model.state_dict().items()}
+    lines = []
+    _reinit_top_layers(model, 1, 3, "cpu", lines.append)
+    assert lines == ["re-initialised encoder layers 0 to 0 of 1 (drawn with seed 3)"]
+    fresh = type(model)(model.config, generator=np.random.default_rng(3), dtype=np.float32).state_dict()
+    after = model.state_dict()
+    top = [k for k in after if k.startswith("bert.encoder.layer.0.")]
+    assert top and all(np.array_equal(after[k], fresh[k]) for k in top)
+    assert any(not np.array_equal(before[k], fresh[k]) for k in top)
+    assert all(np.array_equal(after[k], before[k]) for k in after if k not in top)
+    with pytest.raises(ValueError, match="--reinit-layers 2: the encoder has only 1 layers"):
+        _reinit_top_layers(model, 2, 3, "cpu", lines.append)
+
+
+def test_reinit_layers_is_refused_where_it_means_nothing(tmp_path, bert_run):
+    for kw in ({"from_scratch": True}, {"freeze": True}):
+        with pytest.raises(ValueError, match="--reinit-layers keeps the lower layers pretrained"):
+            run(tmp_path, bert_run, "qa", reinit_layers=1, **kw)
+    with pytest.raises(ValueError, match="--reinit-layers must be an integer >= 0"):
+        run(tmp_path, bert_run, "qa", reinit_layers=-1)
+    gpt = tiny(tmp_path, "gpt")
+    pretrain(gpt, log=quiet)
+    with pytest.raises(ValueError, match="--reinit-layers re-draws BERT encoder layers.*not a BERT"):
+        run(tmp_path, gpt.out, "sentiment", reinit_layers=1)
+
+
 def test_question_answering_reports_exact_match_and_f1(tmp_path, bert_run, capsys):
     out = str(tmp_path / "qa")
     assert cli.main(["finetune", "--ckpt", bert_run, "--task", "qa", "--out", out, "--max-iters", "2",

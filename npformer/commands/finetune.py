@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--freeze", action="store_true", help="train only the classifier head (a linear probe)")
     p.add_argument("--from-scratch", action="store_true",
                    help="the checkpoint's architecture with random weights, trained with the same budget")
+    p.add_argument("--reinit-layers", type=int, default=d.reinit_layers,
+                   help="BERT: draw the top N encoder layers fresh (with --seed) and keep the lower ones pretrained")
     p.add_argument("--max-iters", type=int, default=d.max_iters, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, warmup + cosine)")

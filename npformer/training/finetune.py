@@ -64,6 +64,7 @@ class FinetuneConfig:
     task: str = "sentiment"
     freeze: bool = False                # linear probe: only the classifier head trains
     from_scratch: bool = False          # the checkpoint's architecture, randomly initialised
+    reinit_layers: int = 0              # BERT: draw the top N encoder layers fresh, keep the rest pretrained
     max_iters: int = 150
     batch_size: int = 32
     lr: float = 1e-3
@@ -103,6 +104,11 @@ class FinetuneConfig:
              f"--warmup-iters must be in [0, --max-iters={self.max_iters}); got {warmup}")
         need(self.train_examples is None or (positive_int(self.train_examples) and self.task == "qa"),
              f"--train-examples is a positive integer for --task qa; got {self.train_examples!r} for --task {self.task}")
+        need(isinstance(self.reinit_layers, int) and not isinstance(self.reinit_layers, bool)
+             and self.reinit_layers >= 0, f"--reinit-layers must be an integer >= 0; got {self.reinit_layers!r}")
+        need(not (self.reinit_layers and (self.from_scratch or self.freeze)),
+             "--reinit-layers keeps the lower layers pretrained and trains all of them; it does not go with "
+             "--from-scratch or --freeze")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
@@ -196,6 +202,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     cfg = cfg.checked()
     if is_bert(cfg.ckpt):
         return finetune_bert(cfg, log)
+    if cfg.reinit_layers:
+        raise ValueError(f"--reinit-layers re-draws BERT encoder layers; {cfg.ckpt} is not a BERT checkpoint")
     if cfg.task not in TASKS:
         raise ValueError(f"--task {cfg.task} needs a BERT checkpoint (an npformer `pretrain --model bert` run or an HF "
                          f"directory); {cfg.ckpt} is not one")

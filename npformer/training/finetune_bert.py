@@ -89,6 +89,22 @@ def load_bert(path: str, head: str, num_labels: int, seed: int, device: str, log
     return model.train(), ckpt.tokenizer.wordpiece
 
 
+def _reinit_top_layers(model, n: int, seed: int, device: str, log) -> None:
+    """Replace the top n encoder layers of model with freshly initialised ones (drawn from seed).
+
+    Re-initialising the layers nearest the output before fine-tuning keeps the lower layers' pretrained
+    features and drops what the top layers learned for the pretraining objective alone."""
+    total = model.config.num_hidden_layers
+    if n > total:
+        raise ValueError(f"--reinit-layers {n}: the encoder has only {total} layers")
+    fresh = type(model)(model.config, generator=np.random.default_rng(seed), dtype=np.float32, device=device)
+    prefixes = tuple(f"bert.encoder.layer.{i}." for i in range(total - n, total))
+    state = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+    state.update({k: backend.to_numpy(v) for k, v in fresh.state_dict().items() if k.startswith(prefixes)})
+    model.load_state_dict(state)
+    log(f"re-initialised encoder layers {total - n} to {total - 1} of {total} (drawn with seed {seed})")
+
+
 def _groups(names) -> str:
     """'bert.pooler.*, classifier.*' for a list of weight names (at most two parts of the module path)."""
     return ", ".join(sorted({".".join(n.split(".")[:-1][:2]) + ".*" for n in names})) or "none"
@@ -132,6 +148,8 @@ def finetune_bert(cfg, log=print) -> dict:
     config = model.config
     if cfg.from_scratch:
         model = type(model)(config, generator=np.random.default_rng(cfg.seed), dtype=np.float32, device=cfg.device)
+    if cfg.reinit_layers:
+        _reinit_top_layers(model, cfg.reinit_layers, cfg.seed, cfg.device, log)
     if cfg.task == "sentiment" and cfg.dropout:
         model.dropout.p = cfg.dropout
     if cfg.freeze:                          # a probe: the encoder stays as loaded
@@ -151,7 +169,8 @@ def finetune_bert(cfg, log=print) -> dict:
                        for rows in (data["train"], data["test"]))
     trainable = sum(int(p.size) for p in model.parameters() if p.requires_grad)
     init = "scratch" if cfg.from_scratch else "pretrained"
-    log(f"{cfg.task}: BERT {init} {'frozen encoder (probe)' if cfg.freeze else 'full fine-tuning'}, {trainable:,} "
+    reinit = f" (top {cfg.reinit_layers} layers re-initialised)" if cfg.reinit_layers else ""
+    log(f"{cfg.task}: BERT {init}{reinit} {'frozen encoder (probe)' if cfg.freeze else 'full fine-tuning'}, {trainable:,} "
         f"trainable parameters, {n_train:,} train examples, device {cfg.device}")
     args = TrainingArguments(cfg.out, num_train_epochs=cfg.max_iters * cfg.batch_size / n_train,
                              per_device_train_batch_size=cfg.batch_size,
@@ -168,7 +187,8 @@ def finetune_bert(cfg, log=print) -> dict:
     model_dir = os.path.join(cfg.out, "model")
     save_pretrained(model.eval(), model_dir, tokenizer=tok)
     key = BEST[cfg.task]
-    summary = {"init": init, "freeze": cfg.freeze, "steps": result.global_step, "train_loss": result.training_loss,
+    summary = {"init": init, "freeze": cfg.freeze, "reinit_layers": cfg.reinit_layers,
+               "steps": result.global_step, "train_loss": result.training_loss,
                f"val_{key}": val[f"eval_{key}"], f"test_{key}": test[f"test_{key}"], "n_test": n_test,
                "trainable": trainable,
                "best_checkpoint": trainer.state.best_model_checkpoint, "model_dir": model_dir, "out": cfg.out}
