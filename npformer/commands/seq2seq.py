@@ -3,6 +3,7 @@
     npformer seq2seq --task copy                     # ~1 minute on a CPU core, >= 99% exact match
     npformer seq2seq --task numbers --beam-size 4    # "1205" -> "one thousand two hundred five"
     npformer seq2seq --task numbers --resume         # continue a stopped run (Ctrl-C saves its last step)
+    npformer seq2seq --task dates --arch t5          # a T5 (or --arch bart) instead of the 2017 Transformer
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def add_parser(subparsers) -> None:
     # validated by the run (not by argparse choices) so that a bad name gives a one-line error
     p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
     g = p.add_argument_group("model (the same number of encoder and decoder layers)")
+    g.add_argument("--arch", default=d.arch,
+                   help="transformer: the 2017 encoder-decoder; bart: post-norm, learned positions; t5: pre-norm "
+                        "RMS, relative position bias (one vocabulary for source and target; docs/seq2seq.md)")
     g.add_argument("--d-model", type=int, default=d.d_model, help="model width")
     g.add_argument("--nhead", type=int, default=d.nhead, help="attention heads")
     g.add_argument("--num-layers", type=int, default=d.num_layers, help="encoder layers = decoder layers")

@@ -164,6 +164,45 @@ def _search(model, src, bos_id, eos_id, K, alpha, max_new, use_cache):
     return out, np.where(np.isfinite(best_score), best_score, 0.0 if max_new == 0 else -np.inf)
 
 
+def greedy_decode(model, src, bos_id: int, max_new_tokens: int, eos_id: int = None,
+                  use_cache: bool = True) -> np.ndarray:
+    """Greedy decoding: (B, 1 + n) int64 host array, bos_id then the argmax token of each step.
+
+    model: a Seq2SeqTransformer (or models/seq2seq_arch.TaskEncoderDecoder); src: (B, S) int.
+    n <= max_new_tokens; after eos_id a row emits pad_id, and decoding stops once every row has emitted
+    eos_id. Eval mode without gradients (the training mode is restored); with use_cache each step feeds
+    only the newest token, use_cache=False the whole prefix (the same tokens).
+    """
+    cfg = model.config
+    if 1 + max_new_tokens > cfg.max_len:
+        raise ValueError(f"{type(model).__name__}: 1 + max_new_tokens = {1 + max_new_tokens} exceeds max_len "
+                         f"{cfg.max_len}")
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            src = model._tokens("src", src, cfg.src_vocab_size)
+            src_pad = model.pad_mask(src)
+            memory = model.encode(src, src_pad)
+            xp = memory.xp
+            ys = xp.full((src.shape[0], 1), bos_id, dtype=np.int64)
+            done = xp.zeros(src.shape[0], dtype=bool)
+            cache = model.new_cache() if use_cache else None
+            for _ in range(max_new_tokens):
+                step = ys[:, -1:] if use_cache else ys
+                logits = model.decode(step, memory, src_pad, cache)              # (B, t, V)
+                nxt = xp.argmax(logits.data[:, -1], axis=-1)                     # (B,)
+                nxt = xp.where(done, cfg.pad_id, nxt)
+                ys = xp.concatenate([ys, nxt[:, None].astype(np.int64)], axis=1)
+                if eos_id is not None:
+                    done = done | (nxt == eos_id)
+                    if bool(done.all()):
+                        break
+    finally:
+        model.train(was_training)
+    return backend.to_numpy(ys)
+
+
 def score_hypotheses(model, src, tokens, eos_id: int, length_penalty: float = 0.6) -> np.ndarray:
     """GNMT scores (B,) float64 of given hypotheses by teacher forcing (one decoder pass).
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from .. import backend, ops
 from .. import nn
-from ..autograd import no_grad
 from ..nn import functional as F
 from ..nn import init
 from ..tensor import Tensor
@@ -313,32 +312,7 @@ class Seq2SeqTransformer(nn.Module):
         """Greedy translation: (B, 1 + n) int64 host array starting with bos_id, n <= max_new_tokens.
 
         Picks argmax logits each step in eval mode without gradients; after eos_id a row emits
-        pad_id, and decoding stops early once every row has emitted eos_id.
+        pad_id, and decoding stops early once every row has emitted eos_id (decoding.greedy_decode).
         """
-        if 1 + max_new_tokens > self.config.max_len:
-            raise ValueError(f"Seq2SeqTransformer: 1 + max_new_tokens = {1 + max_new_tokens} exceeds max_len "
-                             f"{self.config.max_len}")
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                src = self._tokens("src", src, self.config.src_vocab_size)
-                src_pad = self.pad_mask(src)
-                memory = self.encode(src, src_pad)
-                xp = memory.xp
-                ys = xp.full((src.shape[0], 1), bos_id, dtype=np.int64)
-                done = xp.zeros(src.shape[0], dtype=bool)
-                cache = self.new_cache() if use_cache else None
-                for _ in range(max_new_tokens):
-                    step = ys[:, -1:] if use_cache else ys
-                    logits = self.decode(step, memory, src_pad, cache)       # (B, t, V)
-                    nxt = xp.argmax(logits.data[:, -1], axis=-1)             # (B,)
-                    nxt = xp.where(done, self.config.pad_id, nxt)
-                    ys = xp.concatenate([ys, nxt[:, None].astype(np.int64)], axis=1)
-                    if eos_id is not None:
-                        done = done | (nxt == eos_id)
-                        if bool(done.all()):
-                            break
-        finally:
-            self.train(was_training)
-        return backend.to_numpy(ys)
+        from .decoding import greedy_decode
+        return greedy_decode(self, src, bos_id, max_new_tokens, eos_id, use_cache)

@@ -13,6 +13,10 @@ Evaluation decodes the task's held-out test split (sources the training never se
 exact match (the whole output, EOS included, right) and token accuracy (the share of target tokens
 y_1 .. y_n EOS predicted right at their position), greedily and with beam search when beam_size > 1.
 Weights come from a generator seeded with ``seed``, batches from ``seed + 1``, dropout from ``seed + 2``.
+
+``arch`` picks the model: "transformer" (Seq2SeqTransformer, the paper's), or "bart" / "t5" (the HF
+models of models/bart.py and models/t5.py behind the same interface, models/seq2seq_arch.py); the
+loop, the schedule, the loss, decoding and checkpoints are the same for all three.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..data.tasks import BOS, EOS, PAD, TASKS, TaskTokenizer, get_task, make_bat
 from ..autograd import no_grad
 from ..models.decoding import beam_search
 from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from ..models.seq2seq_arch import ARCHS, TaskEncoderDecoder, hf_config
 from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -38,7 +43,7 @@ from .rundir import RunDir, check_resumable, load_for_resume, set_aside
 from .stopping import GracefulStop
 
 # settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
-RESUME_FIELDS = ("task", "d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "batch_size", "warmup",
+RESUME_FIELDS = ("task", "arch", "d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "batch_size", "warmup",
                  "lr_factor", "label_smoothing", "seed")
 # optimizer steps per task when --max-iters is not given (see docs/seq2seq.md for what they reach)
 DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800}
@@ -48,6 +53,7 @@ DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800}
 class Seq2SeqTrainConfig:
     """Every setting of a training run (the ``npformer seq2seq`` flags, by the same names)."""
     task: str = "copy"
+    arch: str = "transformer"           # or "bart", "t5" (models/seq2seq_arch.py)
     d_model: int = 64
     nhead: int = 4
     num_layers: int = 2                 # encoder layers and decoder layers, each
@@ -72,6 +78,11 @@ class Seq2SeqTrainConfig:
     def checked(self) -> "Seq2SeqTrainConfig":
         """Validate every field (ValueError naming the flag); fill in the defaults."""
         get_task(self.task)
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if self.attention_maps and self.arch != "transformer":
+            raise ValueError(f"--attention-maps draws the attention of --arch transformer; the {self.arch} "
+                             f"layers do not return their attention weights")
         max_iters = DEFAULT_ITERS[self.task] if self.max_iters is None else self.max_iters
         for name, v in (("d_model", self.d_model), ("nhead", self.nhead), ("num_layers", self.num_layers),
                         ("dim_feedforward", self.dim_feedforward), ("batch_size", self.batch_size),
@@ -109,6 +120,25 @@ def model_config(cfg: Seq2SeqTrainConfig, task) -> Seq2SeqConfig:
                          dropout=cfg.dropout, max_len=max(task.max_src_len, task.max_tgt_len + 2), pad_id=PAD)
 
 
+def build_model(cfg: Seq2SeqTrainConfig, task, generator=None, device: str = None):
+    """(model, meta): the model of cfg.arch for a task, and what a checkpoint stores to rebuild it
+    ({"arch", "model_config"}: Seq2SeqConfig's fields, or the BartConfig / T5Config fields and max_len)."""
+    mcfg = model_config(cfg, task)
+    if cfg.arch == "transformer":
+        return Seq2SeqTransformer(mcfg, generator=generator, device=device), {"arch": "transformer",
+                                                                              "model_config": mcfg.to_dict()}
+    hf = hf_config(cfg.arch, 3 + len(set(task.src_chars) | set(task.tgt_chars)), cfg.d_model, cfg.nhead,
+                   cfg.num_layers, cfg.dim_feedforward, cfg.dropout, mcfg.max_len, PAD, BOS, EOS)
+    model = TaskEncoderDecoder(cfg.arch, hf, task.src_chars, task.tgt_chars, mcfg.max_len, generator=generator,
+                               device=device)
+    return model, {"arch": cfg.arch, "model_config": {**hf, "max_len": mcfg.max_len}}
+
+
+def model_device(model) -> str:
+    """The device of a model's weights."""
+    return model.parameters()[0].device
+
+
 def loss_fn(model, src, tgt_in, tgt_out, label_smoothing: float):
     """Mean label-smoothed cross-entropy over the non-pad target tokens; arrays on the model's device."""
     logits = model(src, tgt_in)                                              # (B, T, V)
@@ -119,7 +149,7 @@ def loss_fn(model, src, tgt_in, tgt_out, label_smoothing: float):
 
 def decode(model, tok: TaskTokenizer, src, beam_size: int = 1, length_penalty: float = 0.6) -> np.ndarray:
     """(B, 1 + n) host token ids for (B, S) host source ids: greedy (beam_size 1) or beam search."""
-    src = backend.to_device(src, model.src_embed.weight.device)
+    src = backend.to_device(src, model_device(model))
     n = model.config.max_len - 1
     if beam_size == 1:
         return model.greedy_decode(src, BOS, n, eos_id=EOS)
@@ -166,8 +196,7 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
     test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3)
-    mcfg = model_config(cfg, task)
-    model = Seq2SeqTransformer(mcfg, generator=np.random.default_rng(cfg.seed), device=cfg.device)
+    model, model_meta = build_model(cfg, task, generator=np.random.default_rng(cfg.seed), device=cfg.device)
     opt = Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     batch_rng = np.random.default_rng(cfg.seed + 1)
     dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
@@ -180,11 +209,12 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
         backend.set_generator_state(batch_rng, run["batch_rng"])
         backend.set_generator_state(dropout_rng, run["dropout_rng"])
         log(f"resuming from {ckpt.path} at step {start}")
-    log(f"task {cfg.task}: {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.src_vocab_size} -> "
-        f"{tok.tgt_vocab_size}, max_len {mcfg.max_len}, {len(test_pairs)} held-out test examples, device {cfg.device}")
+    arch = "" if cfg.arch == "transformer" else f"{cfg.arch} "
+    log(f"task {cfg.task}: {arch}{model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.src_vocab_size} -> "
+        f"{tok.tgt_vocab_size}, max_len {model.config.max_len}, {len(test_pairs)} held-out test examples, device {cfg.device}")
 
     def save(step, results):
-        meta = {"model": "seq2seq", "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+        meta = {"model": "seq2seq", **model_meta, "train_config": dataclasses.asdict(cfg),
                 "task": cfg.task, "max_src_len": task.max_src_len, "results": results,
                 "run": {"step": step, "train_seconds": train_seconds, "batch_rng": backend.generator_state(batch_rng),
                         "dropout_rng": backend.generator_state(dropout_rng)}}
@@ -269,20 +299,36 @@ def translate(model, tok, meta: dict, text: str, beam_size: int = 1, length_pena
 
 
 def load_seq2seq(path: str, device: str = None):
-    """(model in eval mode, TaskTokenizer, meta) from a ``npformer seq2seq`` run or checkpoint directory."""
+    """(model in eval mode, TaskTokenizer, meta) from a ``npformer seq2seq`` run or checkpoint directory
+    (any --arch: meta["arch"], "transformer" for runs that predate the flag)."""
     ckpt = load_checkpoint(path)
     if ckpt.meta.get("model") != "seq2seq" or not isinstance(ckpt.tokenizer, TaskTokenizer):
         raise CheckpointError(f"{ckpt.path} holds a {ckpt.meta.get('model')!r} model, not a seq2seq task model")
+    arch, tok = ckpt.meta.get("arch", "transformer"), ckpt.tokenizer
+    device = device or backend.default_device()
     try:
-        config = Seq2SeqConfig(**ckpt.meta["model_config"])
+        if arch == "transformer":
+            config = Seq2SeqConfig(**ckpt.meta["model_config"])
+            sizes = (config.src_vocab_size, config.tgt_vocab_size)
+        elif arch in ARCHS:
+            hf = dict(ckpt.meta["model_config"])
+            max_len = hf.pop("max_len")
+        else:
+            raise ValueError(f"unknown arch {arch!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt.path}: model_config is invalid ({exc})") from None
-    tok = ckpt.tokenizer
-    if (config.src_vocab_size, config.tgt_vocab_size) != (tok.src_vocab_size, tok.tgt_vocab_size):
-        raise CheckpointError(f"{ckpt.path}: the model's vocabularies ({config.src_vocab_size}, "
-                              f"{config.tgt_vocab_size}) do not match its tokenizer's ({tok.src_vocab_size}, "
-                              f"{tok.tgt_vocab_size})")
-    model = Seq2SeqTransformer(config, device=device or backend.default_device())
+    if arch != "transformer":
+        try:
+            model = TaskEncoderDecoder(arch, hf, tok.src.chars, tok.tgt.chars, max_len, device=device)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.path}: the {arch} model cannot be built from its model_config and "
+                                  f"tokenizer ({exc})") from None
+        sizes = (model.config.src_vocab_size, model.config.tgt_vocab_size)
+    if sizes != (tok.src_vocab_size, tok.tgt_vocab_size):
+        raise CheckpointError(f"{ckpt.path}: the model's vocabularies {sizes} do not match its tokenizer's "
+                              f"({tok.src_vocab_size}, {tok.tgt_vocab_size})")
+    if arch == "transformer":
+        model = Seq2SeqTransformer(config, device=device)
     try:
         model.load_state_dict(ckpt.model_state)
     except ValueError as exc:
@@ -342,7 +388,7 @@ def save_attention_maps(model, tok: TaskTokenizer, text: str, out_dir: str, dpi:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    device = model.src_embed.weight.device
+    device = model_device(model)
     src = tok.encode(text)[None]                                             # (1, S)
     ys = decode(model, tok, src)[0]                                          # BOS y EOS (then PAD)
     ys = ys[:1 + int(np.argmax(ys == EOS))] if (ys == EOS).any() else ys
