@@ -4,7 +4,8 @@ what the torch module m computes, with m's weights copied in; ``to_torch(m)`` do
 Supported (torch.nn <-> npformer.nn; parameter names are identical, weights copied unchanged):
     MultiheadAttention (add_bias_kv, add_zero_attn carried), TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder,
     TransformerDecoder, Transformer, LayerNorm, RMSNorm (eps=None carried), Linear, Embedding (padding_idx
-    carried), Dropout, ReLU, GELU (approximate carried), SiLU, Tanh, Identity,
+    carried), Dropout, ReLU, GELU (approximate carried), SiLU, Tanh, Identity, RNN, LSTM, GRU (every
+    constructor argument carried; LSTM's proj_size is not supported),
     and the containers Sequential and ModuleList, whose children are converted recursively;
 GPT models (see gpt2.py and gpt_like.py):
     transformers' GPT2LMHeadModel              <-> npformer.models.GPT (Conv1D weights transposed)
@@ -41,7 +42,7 @@ from . import bart, bert, gpt2, gpt_like, llama, t5
 
 SUPPORTED = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
              "TransformerDecoder", "Transformer", "LayerNorm", "RMSNorm", "Linear", "Embedding", "Dropout", "ReLU",
-             "GELU", "SiLU", "Tanh", "Identity", "Sequential", "ModuleList")
+             "GELU", "SiLU", "Tanh", "Identity", "Sequential", "ModuleList", "RNN", "LSTM", "GRU")
 
 
 def _import_torch():
@@ -122,6 +123,18 @@ def _norm_args(m) -> dict:
                 elementwise_affine=bool(m.elementwise_affine), bias=m.bias is not None)
 
 
+def _rnn_args(m, kind: str, where: str) -> dict:
+    """RNN / LSTM / GRU constructor arguments (batch_first carried: torch defaults to False, npformer to
+    True); torch's proj_size (an LSTM projection of h) has no npformer counterpart."""
+    if getattr(m, "proj_size", 0):
+        raise ValueError(f"{where}: proj_size={m.proj_size} is not supported (npformer's LSTM has no projection)")
+    args = dict(input_size=m.input_size, hidden_size=m.hidden_size, num_layers=m.num_layers, bias=bool(m.bias),
+                batch_first=bool(m.batch_first), dropout=float(m.dropout), bidirectional=bool(m.bidirectional))
+    if kind == "RNN":
+        args["nonlinearity"] = m.nonlinearity
+    return args
+
+
 def _layer_args(m, ns, where: str) -> dict:
     """Transformer{Encoder,Decoder}Layer constructor arguments (activation as an _activation_spec)."""
     decoder = type(m) is ns.TransformerDecoderLayer
@@ -168,6 +181,8 @@ def _build(m, src, dst, fk: dict, gk: dict, where: str, expect=None):
         return dst.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=_embedding_padding(m, where), **fk, **gk)
     if kind == "Dropout":
         return dst.Dropout(m.p)
+    if kind in ("RNN", "LSTM", "GRU"):
+        return getattr(dst, kind)(**_rnn_args(m, kind, where), **fk, **gk)
     if kind == "GELU":
         return dst.GELU(approximate=m.approximate)
     if kind in ("ReLU", "SiLU", "Tanh", "Identity"):

@@ -14,6 +14,7 @@ from .layers import (GELU, Dropout, Embedding, Identity, LayerNorm, Linear, Modu
 from .module import Module, Parameter
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 from .relative import RelativePositionBias, alibi_bias, alibi_slopes, relative_position_bucket
+from .rnn import GRU, LSTM, RNN
 from .rotary import RotaryEmbedding, apply_rotary_pos_emb, rotate_half
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
@@ -24,4 +25,4 @@ __all__ = ["Module", "Parameter", "functional", "init", "Linear", "Embedding", "
            "LearnedPositionalEmbedding", "RotaryEmbedding", "apply_rotary_pos_emb", "rotate_half",
            "RelativePositionBias", "alibi_bias", "alibi_slopes", "relative_position_bucket",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
-           "Transformer"]
+           "Transformer", "RNN", "LSTM", "GRU"]
