@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("model (the same number of encoder and decoder layers)")
     g.add_argument("--arch", default=d.arch,
                    help="transformer: the 2017 encoder-decoder; bart: post-norm, learned positions; t5: pre-norm "
-                        "RMS, relative position bias (one vocabulary for source and target; docs/seq2seq.md)")
+                        "RMS, relative position bias (one vocabulary for source and target); rnn: LSTM encoder-decoder with "
+                        "attention (docs/seq2seq.md)")
     g.add_argument("--d-model", type=int, default=d.d_model, help="model width")
     g.add_argument("--nhead", type=int, default=d.nhead, help="attention heads")
     g.add_argument("--num-layers", type=int, default=d.num_layers, help="encoder layers = decoder layers")

@@ -38,7 +38,7 @@ from ..tensor import Tensor
 from .bart_layers import BartConfig
 from .seq2seq import DecoderKVCache
 
-ARCHS = ("transformer", "bart", "t5")
+ARCHS = ("transformer", "bart", "t5", "rnn")   # rnn: models/seq2seq_rnn.py
 N_SPECIAL = 3                                   # PAD, BOS, EOS: ids 0, 1, 2 on every side
 
 

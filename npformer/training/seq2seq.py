@@ -14,9 +14,10 @@ exact match (the whole output, EOS included, right) and token accuracy (the shar
 y_1 .. y_n EOS predicted right at their position), greedily and with beam search when beam_size > 1.
 Weights come from a generator seeded with ``seed``, batches from ``seed + 1``, dropout from ``seed + 2``.
 
-``arch`` picks the model: "transformer" (Seq2SeqTransformer, the paper's), or "bart" / "t5" (the HF
-models of models/bart.py and models/t5.py behind the same interface, models/seq2seq_arch.py); the
-loop, the schedule, the loss, decoding and checkpoints are the same for all three.
+``arch`` picks the model: "transformer" (Seq2SeqTransformer, the paper's), "bart" / "t5" (the HF
+models of models/bart.py and models/t5.py behind the same interface, models/seq2seq_arch.py), or
+"rnn" (the recurrent encoder-decoder with attention of models/seq2seq_rnn.py); the loop, the
+schedule, the loss, decoding and checkpoints are the same for all four.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..autograd import no_grad
 from ..models.decoding import beam_search
 from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..models.seq2seq_arch import ARCHS, TaskEncoderDecoder, hf_config
+from ..models.seq2seq_rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -53,7 +55,7 @@ DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800}
 class Seq2SeqTrainConfig:
     """Every setting of a training run (the ``npformer seq2seq`` flags, by the same names)."""
     task: str = "copy"
-    arch: str = "transformer"           # or "bart", "t5" (models/seq2seq_arch.py)
+    arch: str = "transformer"           # or "bart", "t5" (models/seq2seq_arch.py), "rnn" (models/seq2seq_rnn.py)
     d_model: int = 64
     nhead: int = 4
     num_layers: int = 2                 # encoder layers and decoder layers, each
@@ -127,6 +129,10 @@ def build_model(cfg: Seq2SeqTrainConfig, task, generator=None, device: str = Non
     if cfg.arch == "transformer":
         return Seq2SeqTransformer(mcfg, generator=generator, device=device), {"arch": "transformer",
                                                                               "model_config": mcfg.to_dict()}
+    if cfg.arch == "rnn":           # --nhead and --dim-feedforward do not apply
+        rcfg = RNNSeq2SeqConfig(mcfg.src_vocab_size, mcfg.tgt_vocab_size, cfg.d_model, cfg.num_layers, cfg.dropout,
+                                mcfg.max_len, PAD)
+        return RNNSeq2Seq(rcfg, generator=generator, device=device), {"arch": "rnn", "model_config": rcfg.to_dict()}
     hf = hf_config(cfg.arch, 3 + len(set(task.src_chars) | set(task.tgt_chars)), cfg.d_model, cfg.nhead,
                    cfg.num_layers, cfg.dim_feedforward, cfg.dropout, mcfg.max_len, PAD, BOS, EOS)
     model = TaskEncoderDecoder(cfg.arch, hf, task.src_chars, task.tgt_chars, mcfg.max_len, generator=generator,
@@ -307,8 +313,8 @@ def load_seq2seq(path: str, device: str = None):
     arch, tok = ckpt.meta.get("arch", "transformer"), ckpt.tokenizer
     device = device or backend.default_device()
     try:
-        if arch == "transformer":
-            config = Seq2SeqConfig(**ckpt.meta["model_config"])
+        if arch in ("transformer", "rnn"):
+            config = (Seq2SeqConfig if arch == "transformer" else RNNSeq2SeqConfig)(**ckpt.meta["model_config"])
             sizes = (config.src_vocab_size, config.tgt_vocab_size)
         elif arch in ARCHS:
             hf = dict(ckpt.meta["model_config"])
@@ -317,7 +323,7 @@ def load_seq2seq(path: str, device: str = None):
             raise ValueError(f"unknown arch {arch!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt.path}: model_config is invalid ({exc})") from None
-    if arch != "transformer":
+    if arch in ("bart", "t5"):
         try:
             model = TaskEncoderDecoder(arch, hf, tok.src.chars, tok.tgt.chars, max_len, device=device)
         except (TypeError, ValueError) as exc:
@@ -327,8 +333,8 @@ def load_seq2seq(path: str, device: str = None):
     if sizes != (tok.src_vocab_size, tok.tgt_vocab_size):
         raise CheckpointError(f"{ckpt.path}: the model's vocabularies {sizes} do not match its tokenizer's "
                               f"({tok.src_vocab_size}, {tok.tgt_vocab_size})")
-    if arch == "transformer":
-        model = Seq2SeqTransformer(config, device=device)
+    if arch in ("transformer", "rnn"):
+        model = (Seq2SeqTransformer if arch == "transformer" else RNNSeq2Seq)(config, device=device)
     try:
         model.load_state_dict(ckpt.model_state)
     except ValueError as exc:
