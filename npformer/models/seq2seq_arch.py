@@ -81,7 +81,48 @@ def hf_config(arch: str, vocab_size: int, d_model: int, nhead: int, num_layers: 
     raise ValueError(f"--arch must be one of {', '.join(ARCHS)}; got {arch!r}")
 
 
-class TaskEncoderDecoder(nn.Module):
+class TaskModel:
+    """What the task models share (TaskEncoderDecoder here, RNNSeq2Seq in seq2seq_rnn.py): the input
+    checks, the padding mask, teacher forcing through encode/decode, and greedy decoding. A subclass
+    has ``config`` (src_vocab_size, max_len, pad_id), ``device``, ``_where`` (the name in messages),
+    and defines encode, decode and new_cache."""
+
+    def _tokens(self, name: str, idx, vocab_size: int):
+        """idx (Tensor or array) as a checked (B, L) integer array on the model's device, L <= max_len."""
+        a = idx.data if isinstance(idx, Tensor) else idx
+        a = a if backend.is_array(a) else np.asarray(a)
+        where = self._where
+        if a.ndim != 2 or a.dtype.kind not in "iu":
+            raise ValueError(f"{where}: {name} must be (B, L) integer token ids; got shape {tuple(a.shape)} and "
+                             f"dtype {a.dtype}")
+        if backend.device_of(a) != self.device:
+            raise backend.DeviceMismatchError(f"{where}: {name} is on {backend.device_of(a)} but the model is on "
+                                              f"{self.device}")
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
+            raise ValueError(f"{where}: {name} holds token ids outside [0, {vocab_size}): min {int(a.min())}, "
+                             f"max {int(a.max())}")
+        if a.shape[1] > self.config.max_len:
+            raise ValueError(f"{where}: {name} length {a.shape[1]} exceeds max_len {self.config.max_len}")
+        return a
+
+    def pad_mask(self, tokens):
+        """(B, L) bool, True where tokens == pad_id (Seq2SeqTransformer's polarity)."""
+        a = tokens.data if isinstance(tokens, Tensor) else tokens
+        return a == self.config.pad_id
+
+    def forward(self, src, tgt_in) -> Tensor:
+        """Teacher-forced logits (B, T, V_tgt) for src (B, S) and tgt_in (B, T) (pad_id = padding)."""
+        src_pad = self.pad_mask(self._tokens("src", src, self.config.src_vocab_size))
+        return self.decode(tgt_in, self.encode(src, src_pad), src_pad)
+
+    def greedy_decode(self, src, bos_id: int, max_new_tokens: int, eos_id: int = None,
+                      use_cache: bool = True) -> np.ndarray:
+        """(B, 1 + n) int64 host array, as Seq2SeqTransformer.greedy_decode (decoding.greedy_decode)."""
+        from .decoding import greedy_decode
+        return greedy_decode(self, src, bos_id, max_new_tokens, eos_id, use_cache)
+
+
+class TaskEncoderDecoder(TaskModel, nn.Module):
     """A BART or T5 (``model``) on a task's vocabularies, with Seq2SeqTransformer's interface (see above).
 
     arch: "bart" or "t5"; hf: the config dict (hf_config); src_chars, tgt_chars: the task's characters
@@ -117,28 +158,9 @@ class TaskEncoderDecoder(nn.Module):
     def device(self) -> str:
         return self.model.lm_head.weight.device
 
-    def _tokens(self, name: str, idx, vocab_size: int):
-        """idx as a checked (B, L) integer array on the model's device."""
-        a = idx.data if isinstance(idx, Tensor) else idx
-        a = a if backend.is_array(a) else np.asarray(a)
-        where = f"{type(self).__name__} ({self.arch})"
-        if a.ndim != 2 or a.dtype.kind not in "iu":
-            raise ValueError(f"{where}: {name} must be (B, L) integer token ids; got shape {tuple(a.shape)} and "
-                             f"dtype {a.dtype}")
-        if backend.device_of(a) != self.device:
-            raise backend.DeviceMismatchError(f"{where}: {name} is on {backend.device_of(a)} but the model is on "
-                                              f"{self.device}")
-        if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
-            raise ValueError(f"{where}: {name} holds token ids outside [0, {vocab_size}): min {int(a.min())}, "
-                             f"max {int(a.max())}")
-        if a.shape[1] > self.config.max_len:
-            raise ValueError(f"{where}: {name} length {a.shape[1]} exceeds max_len {self.config.max_len}")
-        return a
-
-    def pad_mask(self, tokens):
-        """(B, L) bool, True where tokens == PAD (Seq2SeqTransformer's polarity)."""
-        a = tokens.data if isinstance(tokens, Tensor) else tokens
-        return a == self.config.pad_id
+    @property
+    def _where(self) -> str:
+        return f"{type(self).__name__} ({self.arch})"
 
     def encode(self, src, src_pad_mask=None) -> Tensor:
         """memory (B, S, D) from src (B, S) source ids; src_pad_mask (B, S) True = padding (None: src == PAD)."""
@@ -162,16 +184,5 @@ class TaskEncoderDecoder(nn.Module):
                          past_key_values=cache)
         return out.logits[..., self._tgt_ids]                                       # (B, T, V_tgt)
 
-    def forward(self, src, tgt_in) -> Tensor:
-        """Teacher-forced logits (B, T, V_tgt) for src (B, S) and tgt_in (B, T) (PAD = padding)."""
-        src_pad = self.pad_mask(self._tokens("src", src, self.config.src_vocab_size))
-        return self.decode(tgt_in, self.encode(src, src_pad), src_pad)
-
     def new_cache(self) -> DecoderKVCache:
         return DecoderKVCache(self.config.num_decoder_layers)
-
-    def greedy_decode(self, src, bos_id: int, max_new_tokens: int, eos_id: int = None,
-                      use_cache: bool = True) -> np.ndarray:
-        """(B, 1 + n) int64 host array, as Seq2SeqTransformer.greedy_decode (decoding.greedy_decode)."""
-        from .decoding import greedy_decode
-        return greedy_decode(self, src, bos_id, max_new_tokens, eos_id, use_cache)

@@ -31,6 +31,7 @@ from .. import backend, nn, ops
 from ..nn import functional as F
 from ..tensor import Tensor
 from .config import require_dropout, require_positive_ints
+from .seq2seq_arch import TaskModel
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,10 @@ class RNNDecoderCache:
             self.h, self.c = self.h[:, rows], self.c[:, rows]
 
 
-class RNNSeq2Seq(nn.Module):
+class RNNSeq2Seq(TaskModel, nn.Module):
     """The recurrent encoder-decoder with attention (module docstring), Seq2SeqTransformer's interface:
     forward(src, tgt_in), encode, decode(tgt_in, memory, src_pad_mask, cache), new_cache, greedy_decode,
-    pad_mask, config. Submodules: src_embed, tgt_embed, encoder (nn.LSTM, bidirectional), init_proj,
+    pad_mask, config (forward, greedy_decode, pad_mask and the input checks from seq2seq_arch.TaskModel). Submodules: src_embed, tgt_embed, encoder (nn.LSTM, bidirectional), init_proj,
     decoder (nn.LSTM), attn_proj (W_a), combine, output_proj; weights drawn from `generator`."""
 
     def __init__(self, config: RNNSeq2SeqConfig, generator=None, dtype=None, device: str = None):
@@ -96,31 +97,11 @@ class RNNSeq2Seq(nn.Module):
         self.output_proj = nn.Linear(D, c.tgt_vocab_size, **kw)
         self.dropout = nn.Dropout(c.dropout)
 
+    _where = "RNNSeq2Seq"
+
     @property
     def device(self) -> str:
         return self.output_proj.weight.device
-
-    def _tokens(self, name: str, idx, vocab_size: int):
-        """idx as a checked (B, L) integer array on the model's device, L <= max_len."""
-        a = idx.data if isinstance(idx, Tensor) else idx
-        a = a if backend.is_array(a) else np.asarray(a)
-        if a.ndim != 2 or a.dtype.kind not in "iu":
-            raise ValueError(f"RNNSeq2Seq: {name} must be (B, L) integer token ids; got shape {tuple(a.shape)} and "
-                             f"dtype {a.dtype}")
-        if backend.device_of(a) != self.device:
-            raise backend.DeviceMismatchError(f"RNNSeq2Seq: {name} is on {backend.device_of(a)} but the model is "
-                                              f"on {self.device}")
-        if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
-            raise ValueError(f"RNNSeq2Seq: {name} holds token ids outside [0, {vocab_size}): min {int(a.min())}, "
-                             f"max {int(a.max())}")
-        if a.shape[1] > self.config.max_len:
-            raise ValueError(f"RNNSeq2Seq: {name} length {a.shape[1]} exceeds max_len {self.config.max_len}")
-        return a
-
-    def pad_mask(self, tokens):
-        """(B, L) bool, True where tokens == pad_id."""
-        a = tokens.data if isinstance(tokens, Tensor) else tokens
-        return a == self.config.pad_id
 
     def encode(self, src, src_pad_mask=None) -> Tensor:
         """memory (B, S, D) from src (B, S); src_pad_mask (B, S) True = padding (None: src == pad_id), which
@@ -158,16 +139,5 @@ class RNNSeq2Seq(nn.Module):
         hidden = ops.tanh(self.combine(ops.concatenate([out, ctx], axis=-1)))    # (B, T, D)
         return self.output_proj(self.dropout(hidden))                            # (B, T, V_tgt)
 
-    def forward(self, src, tgt_in) -> Tensor:
-        """Teacher-forced logits (B, T, V_tgt) for src (B, S) and tgt_in (B, T) (pad_id = padding)."""
-        src_pad = self.pad_mask(self._tokens("src", src, self.config.src_vocab_size))
-        return self.decode(tgt_in, self.encode(src, src_pad), src_pad)
-
     def new_cache(self) -> RNNDecoderCache:
         return RNNDecoderCache()
-
-    def greedy_decode(self, src, bos_id: int, max_new_tokens: int, eos_id: int = None,
-                      use_cache: bool = True) -> np.ndarray:
-        """(B, 1 + n) int64 host array, as Seq2SeqTransformer.greedy_decode (decoding.greedy_decode)."""
-        from .decoding import greedy_decode
-        return greedy_decode(self, src, bos_id, max_new_tokens, eos_id, use_cache)
