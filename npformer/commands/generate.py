@@ -2,6 +2,8 @@
 
     npformer generate --ckpt out-pretrain --prompt "the cat" --max-new-tokens 200
 
+The checkpoint may hold a GPT, a LLaMA, an LSTM or a GRU (``npformer pretrain --model ...``).
+
 The text is printed as it is produced, one flush per token (as Hugging Face's TextStreamer and
 llama.cpp do), and the printed text is exactly the decode of all the sampled tokens.
 """
@@ -35,8 +37,8 @@ def add_parser(subparsers) -> None:
                    help="independent samples, each under a '--- sample i ---' line when more than one")
     p.add_argument("--device", choices=backend.DEVICES, default=None, help="None: $NPFORMER_DEVICE, else cpu")
     p.add_argument("--cache", dest="use_cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the keys and values of earlier positions (--no-cache recomputes every position "
-                        "each step; same tokens)")
+                   help="reuse the keys and values of earlier positions, or an LSTM's or GRU's recurrent state "
+                        "(--no-cache recomputes every position each step; same tokens)")
     p.set_defaults(run=run)
 
 
@@ -74,6 +76,7 @@ class TextStream:
 def run(args) -> None:
     from ..models.sampling import generate
     from ..models.llama import LlamaForCausalLM
+    from ..models.rnn_lm import RNNLM
     from ..training.loading import load_language_model
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
@@ -91,7 +94,12 @@ def run(args) -> None:
         raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
     model, tok = load_language_model(args.ckpt, device=args.device)
     llama = isinstance(model, LlamaForCausalLM)
-    window = model.config.max_position_embeddings if llama else model.config.block_size
+    if llama:                               # the context a prompt is cropped to: the length it learned
+        window = model.config.max_position_embeddings
+    elif isinstance(model, RNNLM):          # its state runs on over any length: nothing is cropped
+        window = None
+    else:
+        window = model.config.block_size
     if args.prompt is None:
         try:
             tok.encode("\n")
@@ -99,7 +107,7 @@ def run(args) -> None:
         except ValueError:                  # a character vocabulary without a newline
             args.prompt = tok.decode([0])
     ids = tok.encode(args.prompt)
-    if len(ids) > window:
+    if window is not None and len(ids) > window:
         ids = ids[-window:]
     for i in range(args.num_samples):
         if args.num_samples > 1:

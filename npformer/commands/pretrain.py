@@ -1,8 +1,9 @@
-"""``npformer pretrain``: train a GPT (or LLaMA, or BERT) language model, the built-in toy language by default.
+"""``npformer pretrain``: train a GPT (or LLaMA, LSTM, GRU, BERT) language model, the built-in toy language by default.
 
     npformer pretrain                                    # a few minutes on a CPU
     npformer pretrain --model llama --out out-llama      # LLaMA's blocks on the same loop
     npformer pretrain --model bert --out out-bert        # a BERT masked LM with a WordPiece vocabulary
+    npformer pretrain --model lstm --out out-lstm        # a recurrent LM (or --model gru)
     npformer pretrain --resume                           # continue the run in out-pretrain/
     npformer pretrain --data ../shared/data/tinyshakespeare.txt --out out-shakespeare
 
@@ -21,25 +22,31 @@ from . import DefaultsHelpFormatter
 def add_parser(subparsers) -> None:
     from ..training.pretrain import PretrainConfig
     d = PretrainConfig()
-    p = subparsers.add_parser("pretrain", help="train a GPT, LLaMA or BERT language model (the built-in toy language "
-                                               "by default)",
+    p = subparsers.add_parser("pretrain", help="train a GPT, LLaMA, LSTM, GRU or BERT language model (the built-in "
+                                               "toy language by default)",
                        formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("gpt", "llama", "bert"), default=d.model,
+    # no argparse choices: a wrong --model is refused in one line by PretrainConfig.checked
+    g.add_argument("--model", metavar="{gpt,llama,lstm,gru,bert}", default=d.model,
                    help="gpt: a causal LM (predict the next token); llama: the same with LLaMA's blocks (RMSNorm, "
-                        "rotary positions, SwiGLU, grouped-query attention, no biases); bert: a masked LM (predict "
-                        "15%% of the tokens, masked, from both sides)")
-    g.add_argument("--n-layer", type=int, default=d.n_layer, help="Transformer blocks")
-    g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads per block")
+                        "rotary positions, SwiGLU, grouped-query attention, no biases); lstm, gru: the same with a "
+                        "recurrent network (truncated backpropagation through each block); bert: a masked LM "
+                        "(predict 15%% of the tokens, masked, from both sides)")
+    g.add_argument("--n-layer", type=int, default=d.n_layer, help="Transformer blocks (lstm, gru: recurrent layers)")
+    g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads per block (not for lstm, gru)")
     g.add_argument("--n-kv-head", type=int, default=d.n_kv_head,
                    help="llama: key/value heads, dividing --n-head (grouped-query attention; None: --n-head)")
-    g.add_argument("--n-embd", type=int, default=d.n_embd, help="model width (embedding size)")
-    g.add_argument("--block-size", type=int, default=d.block_size, help="context length in tokens")
+    g.add_argument("--n-embd", type=int, default=d.n_embd,
+                   help="model width (embedding size; lstm, gru: also the hidden size)")
+    g.add_argument("--block-size", type=int, default=d.block_size,
+                   help="context length in tokens (lstm, gru: the length each training block is run over)")
     g.add_argument("--max-positions", type=int, default=d.max_positions,
                    help="bert: rows of the position table (None: --block-size); larger lets a --resume "
                         "continue on longer blocks, as BERT trains short sequences first")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability (0 disables)")
-    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in Linear and LayerNorm (gpt; llama has none)")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="biases in Linear and LayerNorm (gpt; lstm, gru: in the recurrent and output layers; llama "
+                        "has none)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     g.add_argument("--max-iters", type=int, default=d.max_iters, help="training steps")

@@ -1,4 +1,5 @@
-"""What ``npformer pretrain`` trains: a causal LM (GPT) or a masked LM (BERT), behind one interface.
+"""What ``npformer pretrain`` trains: a causal LM (GPT, LLaMA, LSTM, GRU) or a masked LM (BERT), behind one
+interface.
 
 The loop in pretrain.py draws blocks of token ids from the corpus, runs a step, evaluates, saves and
 resumes the same way for both models; an objective supplies what differs:
@@ -15,6 +16,9 @@ resumes the same way for both models; an objective supplies what differs:
 CausalLM (GPT): x = a block of block_size ids, y = x shifted by one; every position is a target.
 LlamaLM (LLaMA): the same batches and loss, on a LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, grouped-query
 attention with --n-kv-head key/value heads; no biases, untied embeddings, as LLaMA).
+RecurrentLM (LSTM, GRU): the same batches and loss, on an RNNLM (models/rnn_lm.py) of --n-layer recurrent
+layers --n-embd wide; truncated backpropagation through time over each block, every block from a zero
+state. Its samples carry the state from token to token, with no window.
 
 MaskedLM (BERT): x = [CLS] + a block of block_size - 2 ids + [SEP], then data.mask_tokens chooses 15%
 of the ordinary tokens (80% -> [MASK], 10% -> a random id, 10% kept); y = the original id at the
@@ -38,17 +42,20 @@ from ..models.bert import BertConfig
 from ..models.bert_heads import BertForMaskedLM
 from ..models.gpt import GPT, GPTConfig
 from ..models.llama import LlamaConfig, LlamaForCausalLM
+from ..models.rnn_lm import RNNLM, RNNLMConfig
 from ..models.sampling import generate
 from ..tensor import Tensor
 from .memory import shard_plan
 
-MODELS = ("gpt", "bert", "llama")
+MODELS = ("gpt", "bert", "llama", "lstm", "gru")
+RECURRENT = ("lstm", "gru")             # RNNLM cells: no attention heads
 SHOWN = 40                              # tokens of each block shown by MaskedLM.show
 
 
 def make_objective(cfg, tok):
-    """The objective of cfg.model ("gpt", "bert" or "llama") for a checked PretrainConfig and its tokenizer."""
-    return {"gpt": CausalLM, "bert": MaskedLM, "llama": LlamaLM}[cfg.model](cfg, tok)
+    """The objective of cfg.model (one of MODELS) for a checked PretrainConfig and its tokenizer."""
+    return {"gpt": CausalLM, "bert": MaskedLM, "llama": LlamaLM, "lstm": RecurrentLM,
+            "gru": RecurrentLM}[cfg.model](cfg, tok)
 
 
 def llama_intermediate_size(n_embd: int) -> int:
@@ -160,6 +167,16 @@ class LlamaLM(CausalLM):
                                   bos_token_id=None, eos_token_id=None)
         self.saved = LlamaForCausalLM(self.config, generator=np.random.default_rng(cfg.seed), device=cfg.device)
         self.model = _CausalLMStep(self.saved)
+
+
+class RecurrentLM(CausalLM):
+    """LSTM or GRU (cfg.model): predict every next token, as GPT does, from an RNNLM called as a GPT."""
+
+    def __init__(self, cfg, tok):
+        self.cfg, self.tok, self.kind = cfg, tok, cfg.model
+        self.config = RNNLMConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                  n_embd=cfg.n_embd, cell=cfg.model, dropout=cfg.dropout, bias=cfg.bias)
+        self.model = self.saved = RNNLM(self.config, generator=np.random.default_rng(cfg.seed), device=cfg.device)
 
 
 class _MaskedLMStep(nn.Module):

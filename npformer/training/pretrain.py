@@ -1,4 +1,4 @@
-"""Pretraining a GPT (or a BERT) on a text corpus: the loop behind ``npformer pretrain``.
+"""Pretraining a GPT (or a LLaMA, an LSTM, a GRU, a BERT) on a text corpus: the loop behind ``npformer pretrain``.
 
 The run is fully determined by its ``PretrainConfig``: the weights come from a
 generator seeded with ``seed``, batches from a sampler seeded with ``seed + 1``,
@@ -10,6 +10,8 @@ workers split each batch, which fixes the float rounding and the dropout streams
 ``model="bert"`` trains a BERT masked language model on the same loop (objectives.py says what
 differs: the batches are masked, the loss is taken over the masked tokens, evaluations report the
 masked-token accuracy too, and the run ends with filled-in masks instead of samples).
+``model="lstm"`` or ``"gru"`` trains an RNNLM (models/rnn_lm.py) on the GPT's batches and loss: truncated
+backpropagation through time over each block, from a zero state; it has no --n-head (refused unless default).
 
 A resumed run keeps the learning-rate schedule of the run that wrote the
 checkpoint: ``lr_decay_iters=None`` means the checkpoint's ``lr_decay_iters``
@@ -52,7 +54,7 @@ from . import workers as shard_workers
 from .checkpoint import CheckpointError, save_checkpoint
 from .floors import Floors
 from .memory import check_pretrain_memory, format_bytes, shard_plan
-from .objectives import MODELS, make_objective
+from .objectives import MODELS, RECURRENT, make_objective
 from .metrics import append_metrics, plot_losses, truncate_metrics
 from .progress import ProgressBar, format_seconds
 from .rundir import RunDir, check_resumable, load_for_resume, set_aside
@@ -68,7 +70,7 @@ MODEL_FIELDS = ("model", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size
 @dataclass(frozen=True)
 class PretrainConfig:
     """Every setting of a pretraining run (the CLI flags, by the same names)."""
-    model: str = "gpt"                  # "gpt" or "llama" (causal LMs), or "bert" (masked LM)
+    model: str = "gpt"                  # "gpt", "llama", "lstm" or "gru" (causal LMs), or "bert" (masked LM)
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = None               # llama: key/value heads (grouped-query attention); None: n_head
@@ -112,7 +114,13 @@ class PretrainConfig:
                      "eval_iters"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer; got {v}")
-        need(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        need(self.model in MODELS, f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.model in RECURRENT:         # an RNNLM has no heads: a --n-head other than the default is a mistake
+            need(self.n_head == PretrainConfig.n_head, f"--n-head is a Transformer option: --model {self.model} "
+                                                       f"has no attention heads; leave it out")
+        else:
+            need(self.n_embd % self.n_head == 0,
+                 f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number; got {self.lr}")
         need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr={self.lr}]; got {self.min_lr}")
         warmup = min(100, self.max_iters // 10) if self.warmup_iters is None else self.warmup_iters
@@ -132,7 +140,6 @@ class PretrainConfig:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1); got {self.beta1}, {self.beta2}")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables); got {self.grad_clip}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
-        need(self.model in MODELS, f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
         tokenizer = self.tokenizer or ("wordpiece" if self.model == "bert" else "char")
         need(tokenizer in ("char", "bpe", "wordpiece"),
              f"--tokenizer must be 'char', 'bpe' or 'wordpiece'; got {tokenizer!r}")
