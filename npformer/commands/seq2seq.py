@@ -4,6 +4,7 @@
     npformer seq2seq --task numbers --beam-size 4    # "1205" -> "one thousand two hundred five"
     npformer seq2seq --task numbers --resume         # continue a stopped run (Ctrl-C saves its last step)
     npformer seq2seq --task dates --arch t5          # a T5 (or --arch bart) instead of the 2017 Transformer
+    npformer seq2seq --task summarize                # documents -> summaries; also ROUGE-1/2/L (rouge-score)
 """
 
 from __future__ import annotations

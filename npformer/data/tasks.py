@@ -4,6 +4,8 @@
     reverse   "cabj"        -> "jbac"          Transformer's copy task; reverse reads it backwards)
     numbers   "1205"        -> "one thousand two hundred five"     integers 0 .. 999999
     dates     "2026-11-29"  -> "29 november 2026"                  days of the years 1900 .. 2099
+    summarize "a dog waits. my big dog sees a cat. the fox runs."  -> "the dog waits. the dog sees a cat."
+              the sentences about the most frequent subject, each subject "the NOUN" (data/summarize.py)
 
 Every task is a deterministic function source -> target, so a split needs only the sources: a
 source belongs to the test split when a hash of its text falls in the lowest `test_percent`
@@ -28,6 +30,7 @@ import re
 
 import numpy as np
 
+from . import summarize
 from .tokenizers import FORMAT_VERSION, TOKENIZERS, _read_json
 
 PAD, BOS, EOS = 0, 1, 2
@@ -76,7 +79,8 @@ class Task:
     """A source generator and the deterministic map source -> target.
 
     Subclasses set name, src_chars, tgt_chars, max_src_len, max_tgt_len (characters) and define
-    draw(rng) -> source text and target(src) -> target text.
+    draw(rng) -> source text and target(src) -> target text; a task whose generator also makes the
+    target overrides draw_pair(rng) -> (source, target).
     """
     name = src_chars = tgt_chars = ""
     max_src_len = max_tgt_len = 0
@@ -99,6 +103,11 @@ class Task:
         """
         return text
 
+    def draw_pair(self, rng) -> tuple:
+        """One (source, target) pair drawn with rng, of either split."""
+        src = self.draw(rng)
+        return src, self.target(src)
+
     def split_of(self, src: str) -> str:
         return "test" if split_bucket(src) < self.test_percent else "train"
 
@@ -107,9 +116,9 @@ class Task:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
         while True:
-            src = self.draw(rng)
+            src, tgt = self.draw_pair(rng)
             if self.split_of(src) == split:
-                return src, self.target(src)
+                return src, tgt
 
     def batch(self, rng, n: int, split: str = "train") -> list:
         return [self.sample(rng, split) for _ in range(n)]
@@ -217,7 +226,30 @@ class DatesTask(Task):
         return d.isoformat()
 
 
-TASKS = {t.name: t for t in (CopyTask, ReverseTask, NumbersTask, DatesTask)}
+class SummarizeTask(Task):
+    """Documents of 3 .. 5 toy-language sentences -> the sentences whose subject is the most frequent
+    subject noun, in order, each subject written "the NOUN". Pairs come from the generator (summarize.document);
+    target(src) finds the summary again by parsing the text (summarize.summary_of, the checker)."""
+    name = "summarize"
+    src_chars = tgt_chars = summarize.CHARS
+    max_src_len, max_tgt_len = summarize.MAX_SRC_LEN, summarize.MAX_TGT_LEN
+
+    def draw(self, rng) -> str:
+        return summarize.document(rng)[0]
+
+    def draw_pair(self, rng) -> tuple:
+        return summarize.document(rng)
+
+    def target(self, src: str) -> str:
+        return summarize.summary_of(src)
+
+    def parse_source(self, text: str) -> str:
+        """Lower case, single spaces, "." after every sentence: "The cat  sleeps" -> "the cat sleeps."; a
+        character or word outside the task's vocabulary is a ValueError naming it."""
+        return summarize.normalize(text)
+
+
+TASKS = {t.name: t for t in (CopyTask, ReverseTask, NumbersTask, DatesTask, SummarizeTask)}
 
 
 def get_task(name: str) -> Task:

@@ -48,7 +48,7 @@ from .stopping import GracefulStop
 RESUME_FIELDS = ("task", "arch", "d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "batch_size", "warmup",
                  "lr_factor", "label_smoothing", "seed")
 # optimizer steps per task when --max-iters is not given (see docs/seq2seq.md for what they reach)
-DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800}
+DEFAULT_ITERS = {"copy": 1200, "reverse": 1500, "numbers": 1500, "dates": 800, "summarize": 3000}
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,28 @@ def match_counts(pred, tgt_out) -> tuple:
 
 
 def evaluate(model, tok, pairs, beam_size: int = 1, length_penalty: float = 0.6, batch_size: int = 250) -> dict:
-    """{"exact_match", "token_accuracy", "n"} over (source, target) pairs; fractions in [0, 1]."""
-    exact, correct, total = 0, 0, 0
+    """{"exact_match", "token_accuracy", "n"} over (source, target) pairs; fractions in [0, 1].
+
+    For the summarize task also "rouge1", "rouge2", "rougeL": the mean F-measure of the decoded texts
+    against the targets (data.summarize.rouge_scores, by rouge-score); when rouge-score is not
+    installed, "rouge_skipped" says how to install it instead.
+    """
+    exact, correct, total, outputs = 0, 0, 0, []
     for i in range(0, len(pairs), batch_size):
         src, _, tgt_out = make_batch(tok, pairs[i:i + batch_size])
-        counts = match_counts(decode(model, tok, src, beam_size, length_penalty)[:, 1:], tgt_out)   # drop BOS
+        pred = decode(model, tok, src, beam_size, length_penalty)[:, 1:]                       # drop BOS
+        counts = match_counts(pred, tgt_out)
         exact, correct, total = exact + counts[0], correct + counts[1], total + counts[2]
-    return {"exact_match": exact / len(pairs), "token_accuracy": correct / total, "n": len(pairs)}
+        if tok.task == "summarize":
+            outputs += [tok.decode(row) for row in pred]
+    results = {"exact_match": exact / len(pairs), "token_accuracy": correct / total, "n": len(pairs)}
+    if tok.task == "summarize":
+        from ..data.summarize import rouge_scores
+        try:
+            results.update(rouge_scores([t for _, t in pairs], outputs))
+        except ImportError as exc:
+            results["rouge_skipped"] = str(exc)
+    return results
 
 
 def train(cfg: Seq2SeqTrainConfig, log=print) -> dict:
@@ -256,6 +271,8 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
                                                                              cfg.length_penalty)}
                 bar.message(f"step {step}: " + "; ".join(
                     f"{k} exact match {100 * r['exact_match']:.1f}%, token accuracy {100 * r['token_accuracy']:.2f}%"
+                    + "".join(f", {m} {100 * r[m]:.2f}" for m in ("rouge1", "rouge2", "rougeL") if m in r)
+                    + (f" ({r['rouge_skipped']})" if "rouge_skipped" in r else "")
                     for k, r in results.items() if isinstance(r, dict)))
                 save(step, results)
                 last_saved = step
