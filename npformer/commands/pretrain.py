@@ -6,6 +6,7 @@
     npformer pretrain --model lstm --out out-lstm        # a recurrent LM (or --model gru)
     npformer pretrain --resume                           # continue the run in out-pretrain/
     npformer pretrain --data ../shared/data/tinyshakespeare.txt --out out-shakespeare
+    mpiexec -n 2 npformer pretrain                       # two ranks share each batch (docs/distributed.md)
 
 The flags follow nanoGPT's names; the loop is npformer/training/pretrain.py.
 """
@@ -48,7 +49,8 @@ def add_parser(subparsers) -> None:
                    help="biases in Linear and LayerNorm (gpt; lstm, gru: in the recurrent and output layers; llama "
                         "has none)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per step (under mpiexec: the global batch, split evenly across the ranks)")
     g.add_argument("--max-iters", type=int, default=d.max_iters, help="training steps")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
@@ -67,7 +69,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--device", choices=backend.DEVICES, default=None, help="default: $NPFORMER_DEVICE or cpu")
     g.add_argument("--workers", type=int, default=None,
                    help="CPU workers (processes on Linux, else threads), each running the model "
-                        "on its share of the batch (default: all usable cores)")
+                        "on its share of the batch (default: all usable cores; under mpiexec 1 per rank)")
     g.add_argument("--shards", type=int, default=None,
                    help="cut each batch into this many pieces, run one after another per worker "
                         "(gradient accumulation): more shards, less activation memory, a little "
@@ -93,7 +95,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
+    """Train in this process, or, started by an MPI launcher (``mpiexec -n N npformer pretrain``), as
+    one of N ranks (docs/distributed.md): an error on one rank then ends all of them, in one line."""
+    from .. import distributed
     from ..training.pretrain import PretrainConfig, pretrain
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    pretrain(cfg)
+    if distributed.detect() is None:
+        pretrain(cfg)
+        return
+    comm = distributed.communicator(device=cfg.device or backend.default_device())
+    with distributed.fail_together(comm):
+        pretrain(cfg, comm=comm)

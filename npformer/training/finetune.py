@@ -22,11 +22,19 @@ A run never writes into an ``out`` that already holds a checkpoint.
 
 A BERT checkpoint (an npformer ``pretrain --model bert`` run or an HF directory) is fine-tuned by
 finetune_bert.py instead, through the Trainer; it also takes ``task="qa"``.
+
+With a communicator (``finetune(cfg, comm=...)``; ``mpiexec -n N npformer finetune``, GPT checkpoints)
+every rank runs the loop on its batch_size / N rows of each batch (the same shuffle on every rank),
+the gradients are averaged over the ranks (the mean of equal shares: the full batch's mean), and
+rank 0 alone locks ``out``, logs, evaluates and writes (docs/distributed.md). Each rank's dropout
+draws from a seed that all ranks draw, each step, from the run's one dropout generator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import time
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import backend, random
+from .. import __version__, backend, distributed, random
 from ..autograd import no_grad
 from ..data import sentiment
 from ..models.classifier import SequenceClassifier
@@ -171,6 +179,26 @@ def accuracy(model: SequenceClassifier, ids, lengths, labels, device: str, batch
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def _step(model, ids, lengths, labels, rows, cfg) -> float:
+    """Forward and backward of the examples `rows`; their mean loss."""
+    idx, pad = make_batch(ids, lengths, rows, cfg.device)
+    _, loss = model(idx, backend.to_device(labels[rows], cfg.device), pad_mask=pad)
+    loss.backward()
+    return loss.item()
+
+
+def _rank_step(model, ids, lengths, labels, rows, cfg, comm) -> float:
+    """_step on this rank's share of `rows`, the gradients averaged over the ranks; the batch's mean loss.
+
+    Every rank draws comm.size dropout seeds from the run's generator (so all stay in step) and
+    uses its own."""
+    seeds = random.default_generator(cfg.device).integers(0, 2**63 - 1, size=comm.size)
+    with random.thread_default_generator(random.Generator(int(seeds[comm.rank]), cfg.device), cfg.device):
+        value = _step(model, ids, lengths, labels, rows[distributed.share(len(rows), comm.rank, comm.size)], cfg)
+    distributed.allreduce_gradients(model, comm, "mean")
+    return float(comm.allreduce(np.array([value / comm.size]), "sum")[0])
+
+
 def load_classifier(path: str, device: str = None):
     """(SequenceClassifier in eval mode, tokenizer, meta) from a fine-tuning checkpoint."""
     ckpt = load_checkpoint(path)
@@ -191,14 +219,17 @@ def load_classifier(path: str, device: str = None):
 
 # ----------------------------------------------------------------------------- the loop
 
-def finetune(cfg: FinetuneConfig, log=print) -> dict:
+def finetune(cfg: FinetuneConfig, log=print, comm=None) -> dict:
     """Fine-tune (or probe, or train from scratch) on cfg.task; save to cfg.out; return a summary.
 
     Summary: init ("pretrained" or "scratch"), freeze, steps, train_loss (mean of the last 20
     steps), val_accuracy, test_accuracy, n_test, trainable (parameter count), seconds, out.
     A run stopped by SIGINT/SIGTERM saves its last step (stopping.py); cfg.resume continues it.
+    comm: a communicator to train over its ranks (the module docstring), or None: this process alone.
     """
     t_start = time.perf_counter()
+    if comm is not None:
+        return _finetune_ranks(cfg, log, comm, t_start)
     cfg = cfg.checked()
     if is_bert(cfg.ckpt):
         return finetune_bert(cfg, log)
@@ -211,18 +242,57 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         return _finetune(cfg, log, t_start)
 
 
-def _finetune(cfg: FinetuneConfig, log, t_start) -> dict:
-    pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_for_resume(cfg.out)
-        check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
-        set_aside(cfg.out, ckpt, log)
+def _finetune_ranks(cfg: FinetuneConfig, log, comm, t_start) -> dict:
+    """finetune over the ranks of `comm`: checks agreed by every rank, then rank 0 claims ``out``."""
+    if comm.rank != 0:
+        log = _quiet
+    with distributed.together(comm):
+        cfg = cfg.checked()
+        if is_bert(cfg.ckpt):
+            raise ValueError(f"{cfg.ckpt} is a BERT checkpoint: fine-tuning BERT over ranks (mpiexec) is not "
+                             f"supported yet; run it in one process")
+        if cfg.reinit_layers or cfg.task not in TASKS:
+            raise ValueError(f"--task {cfg.task} and --reinit-layers need a BERT checkpoint; {cfg.ckpt} is not one")
+        distributed.share(cfg.batch_size, comm.rank, comm.size)
+    comm.barrier()                          # every rank is past the command line's look at --out
+    run = None
+    with distributed.together(comm):
+        run = RunDir.claim(cfg.out, "finetune", resume=cfg.resume) if comm.rank == 0 else None
+    with run or contextlib.nullcontext():
+        return _finetune(cfg, log, t_start, comm)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def _resume_point(cfg, log, comm):
+    """The checkpoint a resume continues from (rank 0 chooses it and sets damaged ones aside)."""
+    root = comm is None or comm.rank == 0
+    stage = contextlib.nullcontext() if comm is None else distributed.together(comm)
+    with stage:
+        ckpt = load_for_resume(cfg.out) if root else None
+        if root:
+            check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
+            set_aside(cfg.out, ckpt, log)
+    if comm is not None:
+        path = comm.broadcast_json(ckpt.path if root else None)
+        with distributed.together(comm):
+            ckpt = ckpt or load_checkpoint(path)
+    return ckpt
+
+
+def _finetune(cfg: FinetuneConfig, log, t_start, comm=None) -> dict:
+    root = comm is None or comm.rank == 0
+    with contextlib.nullcontext() if comm is None else distributed.together(comm):
+        pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
+    ckpt = _resume_point(cfg, log, comm) if cfg.resume else None
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
-    splits = make_splits()
-    data = {name: (*encode_split(tok, texts, config.block_size, cfg.ckpt), labels)
-            for name, (texts, labels) in splits.items()}
+    with contextlib.nullcontext() if comm is None else distributed.together(comm):
+        splits = make_splits()
+        data = {name: (*encode_split(tok, texts, config.block_size, cfg.ckpt), labels)
+                for name, (texts, labels) in splits.items()}
 
     if cfg.from_scratch:     # same architecture, fresh weights: only the initialisation differs
         backbone = GPT(config, generator=np.random.default_rng(cfg.seed), device=cfg.device)
@@ -250,6 +320,10 @@ def _finetune(cfg: FinetuneConfig, log, t_start) -> dict:
         backend.set_generator_state(order_rng, run["order_rng"])
         backend.set_generator_state(dropout_rng, run["dropout_rng"])
         log(f"resuming from {ckpt.path} at step {start}")
+    if comm is not None:                    # every rank the same run, from the same weights
+        distributed.check_same(comm, {"npformer": __version__, "step": start, "config": dataclasses.asdict(cfg)})
+        distributed.broadcast_parameters(model, comm)
+        distributed.broadcast_optimizer_state(opt, comm)
     log(f"{cfg.task}: {init} {'frozen backbone (linear probe)' if cfg.freeze else 'full fine-tuning'}, "
         f"{trainable:,} trainable parameters, {len(splits['train'][0]):,} train / {len(splits['val'][0]):,} val / "
         f"{len(splits['test'][0]):,} test examples, device {cfg.device}")
@@ -268,9 +342,10 @@ def _finetune(cfg: FinetuneConfig, log, t_start) -> dict:
         opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
         save_checkpoint(cfg.out, step, host, opt_state, tok, meta, keep=cfg.keep)
 
-    bar = ProgressBar(cfg.max_iters, start=start)
+    quiet = None if root else io.StringIO()     # what ranks other than 0 would print goes nowhere
+    bar = ProgressBar(cfg.max_iters, start=start, stream=quiet)
     # dropout draws from dropout_rng on this thread for the loop only; a signal saves the last step
-    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop() as stop:
+    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop(quiet) as stop:
         for step in range(start, cfg.max_iters):
             lr = warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
             set_lr(opt, lr)
@@ -278,23 +353,26 @@ def _finetune(cfg: FinetuneConfig, log, t_start) -> dict:
                 perm, pos = order_rng.permutation(len(labels)), 0
             rows = perm[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
-            idx, pad = make_batch(ids, lengths, rows, cfg.device)
-            _, loss = model(idx, backend.to_device(labels[rows], cfg.device), pad_mask=pad)
-            loss.backward()
+            value = (_step(model, ids, lengths, labels, rows, cfg) if comm is None
+                     else _rank_step(model, ids, lengths, labels, rows, cfg, comm))
             if cfg.grad_clip > 0:
                 clip_grad_norm(model.trainable_parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad()
-            value = loss.item()
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step + 1}; nothing was written "
-                                         f"(try a lower --lr)")
+                error = FloatingPointError(f"training loss became {value} at step {step + 1}; nothing was written "
+                                           f"(try a lower --lr)")
+                raise error if comm is None else distributed.on_all_ranks(error)   # the same loss on all
             recent = (recent + [value])[-20:]
             bar.update(step + 1, value, lr, int(lengths[rows].max()) * len(rows))
-            if stop.requested and step + 1 < cfg.max_iters:     # at the last step: evaluate and save as usual
-                save(step + 1)
+            stopping = stop.requested if comm is None else distributed.any_rank(comm, stop.requested)
+            if stopping and step + 1 < cfg.max_iters:           # at the last step: evaluate and save as usual
+                if root:
+                    save(step + 1)
                 raise stop.interrupted(step + 1, cfg.out)
 
+        if not root:                                            # rank 0 evaluates and writes
+            return {"init": init, "freeze": cfg.freeze, "steps": cfg.max_iters, "out": cfg.out}
         val_acc = accuracy(model, *data["val"], cfg.device, cfg.eval_batch_size)
         test_acc = accuracy(model, *data["test"], cfg.device, cfg.eval_batch_size)
         summary = {"init": init, "freeze": cfg.freeze, "steps": cfg.max_iters, "train_loss": float(np.mean(recent)),

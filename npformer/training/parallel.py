@@ -239,6 +239,17 @@ def forward_backward(model, x, y, threads=None, ignore_index: int = -1, shards=N
         _, loss = model(x, y)
         loss.backward()
         return loss.item()
+    return run_pieces(model, pieces, threads, device)
+
+
+def run_pieces(model, pieces, threads: int = 1, device: str = "cpu") -> float:
+    """Forward and backward of `pieces` [(x, y, weight, seed)] (from plan_shards) on `threads` threads.
+
+    Thread j runs pieces j, j + threads, ... one after another; the gradients are added to
+    ``.grad`` in thread order once all have finished. Returns the sum of the pieces' weighted
+    losses. forward_backward uses it for a whole batch; distributed.step for one rank's pieces.
+    """
+    threads = max(1, min(threads, len(pieces)))
 
     def run_thread(j):                  # shards j, j + threads, ...
         return run_shards(model, pieces[j::threads], device)

@@ -18,6 +18,12 @@ checkpoint: ``lr_decay_iters=None`` means the checkpoint's ``lr_decay_iters``
 (which was that run's ``max_iters`` unless given), not the new ``max_iters``.
 A new run never writes into an ``out`` that already holds a checkpoint.
 
+With a communicator (``pretrain(cfg, comm=...)``; ``mpiexec -n N npformer pretrain``) the same loop
+runs on every rank (docs/distributed.md): all ranks draw the same global batch and dropout seeds,
+each runs its share of the batch's shards, an allreduce sums the gradients, and every rank takes
+the same optimizer step. Rank 0 alone locks ``out``, logs, evaluates and writes checkpoints; the
+start-up (pretrain_setup.py) ends every rank with one error if any rank fails or disagrees.
+
 What protects the run (docs/pretraining.md, "When things go wrong"): ``out`` is claimed and
 locked (rundir.py); the memory a step needs is estimated and compared with what is available
 before anything large is allocated (memory.py); the checkpoint records the training data's size
@@ -39,32 +45,30 @@ matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import time
 from dataclasses import dataclass
 
-from .. import backend, cpu, random
-from ..data import ByteBPETokenizer, CharTokenizer, DataError, WordPieceStream, default_corpus, load_text
-from ..data.dataset import data_fingerprint
+from .. import __version__, backend, cpu, distributed, random
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
 from . import workers as shard_workers
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .floors import Floors
-from .memory import check_pretrain_memory, format_bytes, shard_plan
+from .memory import format_bytes, shard_plan
 from .objectives import MODELS, RECURRENT, make_objective
 from .metrics import append_metrics, plot_losses, truncate_metrics
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir, check_resumable, load_for_resume, set_aside
+from .pretrain_setup import setup
+from .rundir import RunDir, load_for_resume
 from .stopping import GracefulStop
 
 class OutOfMemory(RuntimeError):
     """A MemoryError inside the training loop, told in one line with the flags that lower memory."""
-
-
-MODEL_FIELDS = ("model", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias")
 
 
 @dataclass(frozen=True)
@@ -179,43 +183,6 @@ class PretrainConfig:
                                    max_positions=self.max_positions or (self.block_size if self.model == "bert" else None))
 
 
-def _load_corpus(cfg: PretrainConfig):
-    """(train_text, val_text, data fingerprint): the built-in corpus, or --data with its last tenth held out."""
-    if cfg.data is None:
-        train, val = default_corpus()
-        return train, val, data_fingerprint(None, train + val)
-    text = load_text(cfg.data)
-    n_val = max(1, len(text) // 10)
-    return text[:-n_val], text[-n_val:], data_fingerprint(cfg.data, text)
-
-
-def _check_data_unchanged(cfg, saved: dict, now: dict, log) -> None:
-    if not isinstance(saved, dict):
-        log(f"note: the checkpoint in {cfg.out} records no data fingerprint (written by an older npformer); "
-            f"the data cannot be checked for changes")
-        return
-    if (saved.get("bytes"), saved.get("sha256")) == (now["bytes"], now["sha256"]):
-        return
-    what = (f"the checkpoint was made on {saved.get('source')} ({saved.get('bytes'):,} bytes, SHA-256 "
-            f"{str(saved.get('sha256'))[:16]}...) and {now['source']} is {now['bytes']:,} bytes, SHA-256 "
-            f"{now['sha256'][:16]}...")
-    if not cfg.allow_data_change:
-        raise CheckpointError(f"--resume: the training data changed: {what}; restore the data, or pass "
-                              f"--allow-data-change to continue on the new data (the run is then no longer "
-                              f"an exact continuation)")
-    log(f"note: the training data changed ({what}); continuing on the new data as --allow-data-change asks")
-
-
-def _build_tokenizer(cfg, train_text, val_text, log):
-    if cfg.tokenizer == "char":
-        return CharTokenizer(train_text + val_text)
-    if cfg.tokenizer == "wordpiece":
-        log(f"training a WordPiece tokenizer (vocabulary up to {cfg.vocab_size}) on {len(train_text):,} characters")
-        return WordPieceStream.train(train_text, cfg.vocab_size)
-    log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(train_text):,} characters")
-    return ByteBPETokenizer().train(train_text, cfg.vocab_size)
-
-
 def _run_state(cfg, step, sampler, dropout_rng, best_val, objective):
     return {"step": step, "sampler": sampler.state_dict(), "best_val": best_val,
             "dropout_rng": backend.generator_state(dropout_rng), "objective": objective.state_dict()}
@@ -229,49 +196,60 @@ def _out_of_memory(cfg, step: int, where: str, last_saved) -> OutOfMemory:
                        f"({shard_plan(cfg)[0]})")
 
 
-def pretrain(cfg: PretrainConfig, log=print) -> dict:
-    """Run (or resume) pretraining; return a summary dict of the final figures."""
-    if not cfg.resume:
-        cfg = cfg.checked()                 # every flag checked before --out is touched
-    with RunDir.claim(cfg.out, "pretrain", resume=cfg.resume):
-        return _pretrain(cfg, log)
+def pretrain(cfg: PretrainConfig, log=print, comm=None) -> dict:
+    """Run (or resume) pretraining; return a summary dict of the final figures.
+
+    comm: a communicator (npformer.distributed) to train over its ranks, each on its share of
+    every --batch-size batch (docs/distributed.md); rank 0 alone locks --out, logs and writes.
+    None: this process alone. Every rank gets the summary."""
+    if comm is None:
+        if not cfg.resume:
+            cfg = cfg.checked()             # every flag checked before --out is touched
+        with RunDir.claim(cfg.out, "pretrain", resume=cfg.resume):
+            return _pretrain(cfg, log, None)
+    if comm.rank != 0:
+        log = _quiet
+    if cfg.workers is None:                 # one worker per rank unless --workers says otherwise
+        cfg = dataclasses.replace(cfg, workers=1)
+    with distributed.together(comm):
+        cfg = cfg if cfg.resume else cfg.checked()
+    comm.barrier()                          # every rank is past the command line's look at --out
+    run = None
+    with distributed.together(comm):
+        run = RunDir.claim(cfg.out, "pretrain", resume=cfg.resume) if comm.rank == 0 else None
+    with run or contextlib.nullcontext():
+        return _pretrain(cfg, log, comm)
 
 
-def _pretrain(cfg: PretrainConfig, log) -> dict:
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def _stage(comm):
+    """A start-up stage: with ranks, an error on any of them is raised as one RankError on all."""
+    return contextlib.nullcontext() if comm is None else distributed.together(comm)
+
+
+def _pretrain(cfg: PretrainConfig, log, comm) -> dict:
     t_start = time.perf_counter()
     cpu.tune_allocator()                    # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0: leave it)
+    root = comm is None or comm.rank == 0
     ckpt = None
     if cfg.resume:
-        ckpt = load_for_resume(cfg.out)
-        saved = ckpt.meta.get("pretrain_config", {})
-        for name in ("warmup_iters", "lr_decay_iters"):         # None: the original schedule
-            if getattr(cfg, name) is None and isinstance(saved.get(name), int):
-                cfg = dataclasses.replace(cfg, **{name: saved[name]})
-        cfg = cfg.checked()
-        # the data is compared by its fingerprint below, wherever the file is now
-        fields = MODEL_FIELDS + ("tokenizer", "seed", "batch_size")
-        if cfg.model == "bert":             # BERT's recipe: short blocks first, longer ones later
-            fields = tuple(f for f in fields if f != "block_size") + ("max_positions",)
-        check_resumable(cfg, ckpt, "pretrain_config", fields)
-        was = saved.get("block_size")
-        if was is not None and was != cfg.block_size:
-            log(f"note: the blocks change from {was} to {cfg.block_size} tokens (the position table has "
-                f"{cfg.max_positions}): the run goes on with other rows, as BERT's short-then-long schedule does")
+        with _stage(comm):                  # rank 0 chooses the checkpoint (skipping damaged ones)
+            ckpt = load_for_resume(cfg.out) if root else None
+        if comm is not None:                # and the others load the one it chose
+            path = comm.broadcast_json(ckpt.path if root else None)
+            with _stage(comm):
+                ckpt = ckpt or load_checkpoint(path)
+    with _stage(comm):
+        cfg, started = setup(cfg, ckpt, log, comm)
+    return _train(cfg, ckpt, started, log, comm, t_start)
 
-    train_text, val_text, fingerprint = _load_corpus(cfg)
-    if ckpt:
-        _check_data_unchanged(cfg, ckpt.meta.get("data_fingerprint"), fingerprint, log)
-    tok = ckpt.tokenizer if ckpt else _build_tokenizer(cfg, train_text, val_text, log)
-    estimate = check_pretrain_memory(cfg, tok.vocab_size, data_bytes=8 * (len(train_text) + len(val_text)))
-    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
-    chars_per_token = (len(train_text) + len(val_text)) / max(1, len(train_ids) + len(val_ids))
-    for name, ids in (("training", train_ids), ("validation", val_ids)):
-        if len(ids) < cfg.block_size + 1:
-            raise DataError(f"the {name} text has {len(ids)} tokens, shorter than one block "
-                            f"(--block-size {cfg.block_size} needs {cfg.block_size + 1})")
-    if ckpt:
-        set_aside(cfg.out, ckpt, log)           # the resume is accepted: move damaged checkpoints aside
 
+def _train(cfg, ckpt, started, log, comm, t_start) -> dict:
+    train_text, val_text, fingerprint, tok, estimate, train_ids, val_ids, chars_per_token = started
+    root = comm is None or comm.rank == 0
     objective = make_objective(cfg, tok)        # the model, its batches and its evaluation
     model = objective.model
     opt = AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
@@ -289,34 +267,49 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         last_saved = step
         sampler.load_state_dict(run["sampler"])
         backend.set_generator_state(dropout_rng, run.get("dropout_rng"))
-        truncate_metrics(metrics_path, step)
+        if root:
+            truncate_metrics(metrics_path, step)
         log(f"resuming from {ckpt.path} at step {step}")
         saved_workers = ckpt.meta.get("pretrain_config", {}).get("workers")
-        if isinstance(saved_workers, int) and saved_workers != cfg.workers:
+        ranks, saved_ranks = (1 if comm is None else comm.size), ckpt.meta.get("ranks", 1)
+        if ranks > 1 or saved_ranks != 1:
+            if saved_ranks != ranks:
+                log(f"note: the run so far used {saved_ranks} rank(s) and this one uses {ranks}: the shards and "
+                    f"dropout masks are the same (--shards {cfg.shards}), only the order of the float sums differs")
+        elif isinstance(saved_workers, int) and saved_workers != cfg.workers:
             log(f"note: the run so far used {saved_workers} workers and this one uses {cfg.workers}: the batch is "
                 f"split differently, so the float rounding (and, with dropout, the masks) differ from a run "
                 f"that kept {saved_workers} (pass --workers {saved_workers} to continue it exactly)")
         if step >= cfg.max_iters:
             log(f"the run in {cfg.out} is already at step {step} (--max-iters {cfg.max_iters}); nothing to do")
-    elif os.path.exists(metrics_path):
+    elif root and os.path.exists(metrics_path):
         os.remove(metrics_path)                 # left by an earlier run that saved no checkpoint
+    if comm is not None:                        # every rank the same run, from the same weights
+        distributed.check_same(comm, {"npformer": __version__, "data": fingerprint, "step": step,
+                                      "vocab": tok.vocab_size, "config": {k: v for k, v in dataclasses.asdict(
+                                          cfg).items() if k != "data"}})
+        distributed.broadcast_parameters(model, comm)
+        distributed.broadcast_optimizer_state(opt, comm)
 
     floors = Floors.of_run(cfg.model, cfg.tokenizer, cfg.block_size, builtin=cfg.data is None)
     log(f"model: {cfg.model} {model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"device {cfg.device}" + (f" ({cfg.workers} worker{'s' * (cfg.workers != 1)})" if cfg.device == "cpu" else "")
         + f"; data: {len(train_ids):,} train / {len(val_ids):,} val tokens"
         + floors.describe(cfg.block_size)
-        + f"; memory: about {format_bytes(estimate.peak_bytes)} at peak")
+        + f"; memory: about {format_bytes(estimate.peak_bytes)} at peak"
+        + ("" if comm is None else f"; {comm.size} ranks ({comm.name}), {cfg.shards} shards of the "
+                                   f"global batch of {cfg.batch_size}"))
 
     def save(at_step):
         meta = {"model": objective.kind, "model_config": objective.config.to_dict(),
                 "pretrain_config": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
+                "ranks": 1 if comm is None else comm.size,
                 "run": _run_state(cfg, at_step, sampler, dropout_rng, best_val, objective)}
         host = {k: backend.to_numpy(v) for k, v in objective.saved.state_dict().items()}
         opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
         save_checkpoint(cfg.out, at_step, host, opt_state, tok, meta, keep=cfg.keep)
 
-    bar = ProgressBar(cfg.max_iters, start=step)
+    bar = ProgressBar(cfg.max_iters, start=step, stream=None if root else io.StringIO())   # rank 0 alone
     tokens_per_step = cfg.batch_size * cfg.block_size
     train_loss = float("nan")
     val_loss = val_accuracy = None
@@ -325,11 +318,15 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     # The dropout generator is this thread's default for the loop only (restored afterwards).
     # Worker processes (or threads where there is no fork) each run the model on a share of
     # every batch; see docs/performance.md#cpu-threads.
-    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop() as stop:
+    quiet = None if root else io.StringIO()     # what ranks other than 0 would print goes nowhere
+    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop(quiet) as stop:
         workers = (shard_workers.ShardWorkers(model, cfg.workers)
                    if cfg.workers > 1 and shard_workers.available() else None)
 
         def step_fb(x, y):
+            if comm is not None:
+                return distributed.forward_backward(model, x, y, comm, cfg.workers, objective.ignore_index,
+                                                    cfg.shards, pool=workers)
             if workers is not None:
                 return workers.forward_backward(x, y, objective.ignore_index, shards=cfg.shards)
             return parallel.forward_backward(model, x, y, cfg.workers, objective.ignore_index, shards=cfg.shards)
@@ -342,7 +339,8 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 set_lr(opt, lr)
                 x, y = objective.batch(sampler)
                 where = "training step"
-                with parallel.blas_context(cfg.workers):    # one-thread BLAS under data-parallel workers
+                blas = parallel.blas_context(cfg.workers) if comm is None else cpu.blas_threads(1)
+                with blas:                                  # one-thread BLAS under data-parallel workers
                     train_loss = step_fb(backend.to_device(x, cfg.device), backend.to_device(y, cfg.device))
                     if cfg.grad_clip > 0:
                         clip_grad_norm(model.parameters(), cfg.grad_clip)
@@ -354,10 +352,13 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                 if not math.isfinite(train_loss):
                     kept = (f"the last checkpoint (step {last_saved}) in {cfg.out} is untouched"
                             if last_saved is not None else "no checkpoint was written")
-                    raise FloatingPointError(f"training loss became {train_loss} at step {step}; {kept} "
-                                             f"(try a lower --lr)")
+                    error = FloatingPointError(f"training loss became {train_loss} at step {step}; {kept} "
+                                               f"(try a lower --lr)")
+                    raise error if comm is None else distributed.on_all_ranks(error)   # the same loss on all
                 bar.update(step, train_loss, lr, tokens_per_step)
-                if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not root:
+                    last_saved = step                   # rank 0 evaluates and saves; the others go on
+                elif step % cfg.eval_interval == 0 or step == cfg.max_iters:
                     where = "evaluation"
                     tr = objective.evaluate(train_ids, seed=cfg.seed + 3)
                     va = objective.evaluate(val_ids, seed=cfg.seed + 4)
@@ -373,8 +374,8 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                     bar.message(f"step {step}: train {tr['loss']:.4f}, val {val_loss:.4f}{gap}{acc}")
                     save(step)
                     last_saved = step
-                if stop.requested:
-                    if last_saved != step:
+                if stop.requested if comm is None else distributed.any_rank(comm, stop.requested):
+                    if last_saved != step and root:
                         save(step)
                     raise stop.interrupted(step, cfg.out)
         except MemoryError:
@@ -390,8 +391,9 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                "val_loss_per_char": None if val_loss is None else val_loss / chars_per_token, "out": cfg.out}
     if floors.value is not None and val_loss is not None:       # per character, or per token
         summary["gap_percent"] = floors.gap_percent(val_loss, chars_per_token)
-    plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floors.value, log)
-    objective.show(val_text, log)
+    if root:
+        plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), floors.value, log)
+        objective.show(val_text, log)
     summary["seconds"] = time.perf_counter() - t_start
     log(f"done in {format_seconds(summary['seconds'])}: "
         + ("no steps taken" if val_loss is None else f"val loss {val_loss:.4f}")

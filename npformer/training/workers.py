@@ -320,6 +320,19 @@ class ShardWorkers:
         _, n, pieces = parallel.plan_shards(x, y, self.workers, shards, ignore_index, "cpu")
         if n == 1:
             return parallel.forward_backward(self.model, x, y, 1, ignore_index, 1)
+        return self._run(pieces, n)
+
+    def run_pieces(self, pieces) -> float:
+        """``parallel.run_pieces(model, pieces, workers)`` on the processes: pieces [(x, y, weight,
+        seed)] from ``parallel.plan_shards`` (one rank's share of them, in distributed.step)."""
+        n = min(self.workers, len(pieces))
+        if n == 1:
+            return parallel.run_pieces(self.model, pieces, 1, "cpu")
+        self._check_params()
+        pieces = [(np.ascontiguousarray(xi), np.ascontiguousarray(yi), w, seed) for xi, yi, w, seed in pieces]
+        return self._run(pieces, n)
+
+    def _run(self, pieces, n: int) -> float:
         training = [m.training for m in self.model.modules()]
         try:
             return self._exchange(pieces, n, training)
