@@ -15,8 +15,9 @@ from npformer.data.tasks import BOS, EOS, PAD, TaskTokenizer, get_task, make_bat
 from npformer.models import Seq2SeqTransformer
 from npformer.models.decoding import beam_search
 from npformer.training.checkpoint import load_checkpoint
-from npformer.training.seq2seq import (KINDS, Seq2SeqTrainConfig, attention_weights, evaluate, load_seq2seq,
-                                       loss_fn, match_counts, model_config, train, translate)
+from npformer.training.attention_maps import KINDS, attention_weights
+from npformer.training.seq2seq import (Seq2SeqTrainConfig, evaluate, load_seq2seq, loss_fn, match_counts, model_config,
+                                       train, translate)
 
 from tests.helpers import signal_at_steps
 

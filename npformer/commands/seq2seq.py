@@ -5,6 +5,7 @@
     npformer seq2seq --task numbers --resume         # continue a stopped run (Ctrl-C saves its last step)
     npformer seq2seq --task dates --arch t5          # a T5 (or --arch bart) instead of the 2017 Transformer
     npformer seq2seq --task summarize                # documents -> summaries; also ROUGE-1/2/L (rouge-score)
+    mpiexec -n 2 npformer seq2seq --task copy        # two ranks share each batch (docs/distributed.md)
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--dim-feedforward", type=int, default=d.dim_feedforward, help="feed-forward width")
     g.add_argument("--dropout", type=float, default=d.dropout, help="on sub-layer outputs, embeddings, attention")
     g = p.add_argument_group("optimisation (Adam betas (0.9, 0.98), eps 1e-9, the paper's schedule)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="examples per step (under mpiexec: the global batch, split evenly across the ranks)")
     g.add_argument("--max-iters", type=int, default=None,
                    help="optimizer steps; None: per task, " + ", ".join(f"{k} {v}" for k, v in DEFAULT_ITERS.items()))
     g.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps of the learning-rate schedule")
@@ -62,7 +64,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
+    """Train in this process, or, started by an MPI launcher (``mpiexec -n N npformer seq2seq``), as
+    one of N ranks (docs/distributed.md): an error on one rank then ends all of them, in one line."""
     import dataclasses
+    from .. import distributed
     from ..training.seq2seq import Seq2SeqTrainConfig, train
     fields = {f.name for f in dataclasses.fields(Seq2SeqTrainConfig)}
-    train(Seq2SeqTrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    cfg = Seq2SeqTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if distributed.detect() is None:
+        train(cfg)
+        return
+    comm = distributed.communicator(device=cfg.device or backend.default_device())
+    with distributed.fail_together(comm):
+        train(cfg, comm=comm)

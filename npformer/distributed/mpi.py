@@ -12,6 +12,7 @@ same rank count gets the same bits, and every rank gets the same result.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -89,7 +90,11 @@ class MPICommunicator(Communicator):
         return json.loads(buf.tobytes())
 
     def abort(self, code: int = 1) -> None:
-        """End every rank now (MPI_Abort); the launcher exits with `code`."""
+        """End every rank now (MPI_Abort); the launcher exits with `code`.
+
+        MPICH's MPI_Abort may return before the launcher kills this process; leaving at once keeps
+        the caller from going on (and printing its error a second time)."""
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+        os._exit(code)

@@ -18,21 +18,24 @@ Weights come from a generator seeded with ``seed``, batches from ``seed + 1``, d
 models of models/bart.py and models/t5.py behind the same interface, models/seq2seq_arch.py), or
 "rnn" (the recurrent encoder-decoder with attention of models/seq2seq_rnn.py); the loop, the
 schedule, the loss, decoding and checkpoints are the same for all four.
+
+With a communicator (``train(cfg, comm=...)``; ``mpiexec -n N npformer seq2seq``) every rank runs the
+loop on its rows of each global batch and rank 0 alone locks ``out``, logs, evaluates and writes
+(seq2seq_ranks.py, docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import backend, random
+from .. import backend, distributed, random
 from ..data.tasks import BOS, EOS, PAD, TASKS, TaskTokenizer, get_task, make_batch
-from ..autograd import no_grad
 from ..models.decoding import beam_search
 from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from ..models.seq2seq_arch import ARCHS, TaskEncoderDecoder, hf_config
@@ -41,8 +44,10 @@ from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir, check_resumable, load_for_resume, set_aside
-from .stopping import GracefulStop
+from .rundir import RunDir
+from .attention_maps import save_attention_maps
+from .seq2seq_ranks import rank_step, ranks_note, resume_point, stage, start_together, stop_signal, train_ranks
+from .stopping import GracefulStop, Interrupted
 
 # settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
 RESUME_FIELDS = ("task", "arch", "d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "batch_size", "warmup",
@@ -201,41 +206,52 @@ def evaluate(model, tok, pairs, beam_size: int = 1, length_penalty: float = 0.6,
     return results
 
 
-def train(cfg: Seq2SeqTrainConfig, log=print) -> dict:
-    """Train (or, with cfg.resume, continue), evaluate and checkpoint one run; return a summary dict."""
+def train(cfg: Seq2SeqTrainConfig, log=print, comm=None) -> dict:
+    """Train (or, with cfg.resume, continue), evaluate and checkpoint one run; return a summary dict.
+
+    comm: a communicator (npformer.distributed) to train over its ranks, each on its rows of every
+    --batch-size batch (seq2seq_ranks.py); rank 0 alone locks cfg.out, logs and writes. None: this
+    process alone."""
+    if comm is not None:
+        return train_ranks(cfg, log, comm)
     cfg = cfg.checked()
     with RunDir.claim(cfg.out, "seq2seq", resume=cfg.resume):
         return _train(cfg, log)
 
 
-def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_for_resume(cfg.out)
-        check_resumable(cfg, ckpt, "train_config", RESUME_FIELDS)
-        set_aside(cfg.out, ckpt, log)
+def _train(cfg: Seq2SeqTrainConfig, log, comm=None) -> dict:
+    root = comm is None or comm.rank == 0
+    ckpt = resume_point(cfg, log, comm, RESUME_FIELDS) if cfg.resume else None
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
-    test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3)
+    with stage(comm):
+        test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3) if root else []  # rank 0 evaluates
     model, model_meta = build_model(cfg, task, generator=np.random.default_rng(cfg.seed), device=cfg.device)
     opt = Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     batch_rng = np.random.default_rng(cfg.seed + 1)
     dropout_rng = backend.default_rng(cfg.seed + 2, cfg.device)
     start, train_seconds, results = 0, 0.0, {}
+    ranks = 1 if comm is None else comm.size
     if ckpt:
-        model.load_state_dict(ckpt.model_state)
-        opt.load_state_dict(ckpt.optimizer_state)
-        run = ckpt.meta["run"]
-        start, train_seconds, results = int(run["step"]), float(run["train_seconds"]), ckpt.meta["results"]
-        backend.set_generator_state(batch_rng, run["batch_rng"])
-        backend.set_generator_state(dropout_rng, run["dropout_rng"])
-        log(f"resuming from {ckpt.path} at step {start}")
+        with stage(comm):
+            model.load_state_dict(ckpt.model_state)
+            opt.load_state_dict(ckpt.optimizer_state)
+            run = ckpt.meta["run"]
+            start, train_seconds, results = int(run["step"]), float(run["train_seconds"]), ckpt.meta["results"]
+            backend.set_generator_state(batch_rng, run["batch_rng"])
+            backend.set_generator_state(dropout_rng, run["dropout_rng"])
+        log(f"resuming from {ckpt.path} at step {start}" + ranks_note(ckpt.meta.get("ranks", 1), ranks))
+    if comm is not None:                    # every rank the same run, from the same weights
+        start_together(comm, model, opt, {"step": start, "config": dataclasses.asdict(cfg), "task": [
+            cfg.task, tok.src_vocab_size, tok.tgt_vocab_size, task.max_src_len]})
     arch = "" if cfg.arch == "transformer" else f"{cfg.arch} "
     log(f"task {cfg.task}: {arch}{model.num_parameters() / 1e6:.2f}M parameters, vocab {tok.src_vocab_size} -> "
-        f"{tok.tgt_vocab_size}, max_len {model.config.max_len}, {len(test_pairs)} held-out test examples, device {cfg.device}")
+        f"{tok.tgt_vocab_size}, max_len {model.config.max_len}, {len(test_pairs)} held-out test examples, device {cfg.device}"
+        + ("" if comm is None else f"; {ranks} ranks ({comm.name}), {cfg.batch_size // ranks} rows each of the "
+                                   f"global batch of {cfg.batch_size}"))
 
     def save(step, results):
-        meta = {"model": "seq2seq", **model_meta, "train_config": dataclasses.asdict(cfg),
+        meta = {"model": "seq2seq", **model_meta, "train_config": dataclasses.asdict(cfg), "ranks": ranks,
                 "task": cfg.task, "max_src_len": task.max_src_len, "results": results,
                 "run": {"step": step, "train_seconds": train_seconds, "batch_rng": backend.generator_state(batch_rng),
                         "dropout_rng": backend.generator_state(dropout_rng)}}
@@ -243,27 +259,34 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
         opt_state = {k: (backend.to_numpy(v) if backend.is_array(v) else v) for k, v in opt.state_dict().items()}
         save_checkpoint(cfg.out, step, host, opt_state, tok, meta, keep=cfg.keep)
 
-    bar = ProgressBar(cfg.max_iters, start=start)
+    quiet = None if root else io.StringIO()     # what ranks other than 0 would print goes nowhere
+    bar = ProgressBar(cfg.max_iters, start=start, stream=quiet)
     last_saved = start if ckpt else None
     model.train()
     # dropout draws from dropout_rng on this thread for the loop only; a signal saves the last step
-    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop() as stop:
+    with random.thread_default_generator(dropout_rng, cfg.device), GracefulStop(quiet) as stop:
         for step in range(start + 1, cfg.max_iters + 1):
             t0 = time.perf_counter()
             lr = noam(step, cfg.d_model, cfg.warmup, cfg.lr_factor)
             set_lr(opt, lr)
             batch = make_batch(tok, task.batch(batch_rng, cfg.batch_size))       # (B, S), (B, T), (B, T)
-            src, tgt_in, tgt_out = (backend.to_device(a, cfg.device) for a in batch)
-            loss = loss_fn(model, src, tgt_in, tgt_out, cfg.label_smoothing)
-            loss.backward()
+            if comm is None:
+                src, tgt_in, tgt_out = (backend.to_device(a, cfg.device) for a in batch)
+                loss = loss_fn(model, src, tgt_in, tgt_out, cfg.label_smoothing)
+                loss.backward()
+                value = loss.item()
+            else:                               # this rank's rows; every rank gets the whole batch's gradient
+                value = rank_step(model, batch, cfg.label_smoothing, comm, cfg.device)
             opt.step()
             opt.zero_grad()
-            value = loss.item()
             train_seconds += time.perf_counter() - t0
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step} (try a lower --lr-factor)")
-            bar.update(step, value, lr, int((tgt_out != PAD).sum()))
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                error = FloatingPointError(f"training loss became {value} at step {step} (try a lower --lr-factor)")
+                raise error if comm is None else distributed.on_all_ranks(error)   # the same loss on all
+            bar.update(step, value, lr, int((batch[2] != PAD).sum()))
+            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not root:
+                last_saved = step                   # rank 0 evaluates and saves; the others go on
+            elif step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 results = {"step": step, "loss": value, "train_seconds": round(train_seconds, 3),
                            "greedy": evaluate(model, tok, test_pairs)}
                 if cfg.beam_size > 1 and step == cfg.max_iters:
@@ -276,10 +299,13 @@ def _train(cfg: Seq2SeqTrainConfig, log) -> dict:
                     for k, r in results.items() if isinstance(r, dict)))
                 save(step, results)
                 last_saved = step
-            if stop.requested:
-                if last_saved != step:
+            signum = stop_signal(stop, comm)    # with ranks: agreed, so all stop at this step
+            if signum is not None:
+                if last_saved != step and root:
                     save(step, results)
-                raise stop.interrupted(step, cfg.out)
+                raise Interrupted(signum, step, cfg.out)
+    if not root:                                # rank 0 shows examples and writes the maps
+        return {"task": cfg.task, "steps": cfg.max_iters, **results, "out": cfg.out}
     model.eval()
     for src_text, tgt_text in test_pairs[:3]:
         got = tok.decode(decode(model, tok, make_batch(tok, [(src_text, tgt_text)])[0])[0, 1:])
@@ -357,94 +383,3 @@ def load_seq2seq(path: str, device: str = None):
     except ValueError as exc:
         raise CheckpointError(f"{ckpt.path}: weights do not fit the config ({exc})") from None
     return model.eval(), tok, ckpt.meta
-
-
-# ----------------------------------------------------------------------------- attention maps
-
-# kind of attention -> PNG file name
-KINDS = {"encoder self-attention": "attention-encoder-self.png",
-         "decoder self-attention": "attention-decoder-self.png", "cross-attention": "attention-cross.png"}
-
-
-def attention_weights(model, src, tgt_in) -> dict:
-    """Per-layer, per-head attention weights of one teacher-forced pass in eval mode.
-
-    src (1, S), tgt_in (1, T) int. Returns {kind: [(H, L, S_kv) host array per layer]} for the
-    kinds in KINDS: encoder (S, S), decoder self (T, T) and cross (T, S). Each MultiHeadAttention's
-    forward is wrapped for the pass only, asking it for its unaveraged weights.
-    """
-    t = model.transformer
-    enc, dec, cross = KINDS
-    mods = [(enc, layer.self_attn) for layer in t.encoder.layers]
-    mods += [(kind, attn) for layer in t.decoder.layers
-             for kind, attn in ((dec, layer.self_attn), (cross, layer.multihead_attn))]
-    weights = {kind: [] for kind in KINDS}
-
-    def recording(kind, attn):
-        def forward(*args, **kwargs):
-            out, w = type(attn).forward(attn, *args, **{**kwargs, "need_weights": True, "average_attn_weights": False})
-            weights[kind].append(backend.to_numpy(w.data)[0])                 # (H, L, S_kv)
-            return out, w
-        return forward
-
-    was_training = model.training
-    model.eval()
-    try:
-        for kind, attn in mods:
-            object.__setattr__(attn, "forward", recording(kind, attn))
-        with no_grad():
-            model(src, tgt_in)
-    finally:
-        for _, attn in mods:
-            attn.__dict__.pop("forward", None)
-        model.train(was_training)
-    return weights
-
-
-def save_attention_maps(model, tok: TaskTokenizer, text: str, out_dir: str, dpi: int = 80) -> list:
-    """PNGs of the three kinds of attention while the model translates `text` (its own greedy
-    output as the decoder input); one panel per layer (rows) and head (columns). Returns the
-    paths written, none when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    device = model_device(model)
-    src = tok.encode(text)[None]                                             # (1, S)
-    ys = decode(model, tok, src)[0]                                          # BOS y EOS (then PAD)
-    ys = ys[:1 + int(np.argmax(ys == EOS))] if (ys == EOS).any() else ys
-    weights = attention_weights(model, backend.to_device(src, device), backend.to_device(ys[None, :-1], device))
-    show = lambda c: "_" if c == " " else c                                  # noqa: E731
-    out_chars = [show(c) for c in tok.decode(ys[1:])] + ["</s>"] * bool((ys == EOS).any())
-    src_labels, tgt_in_labels = [show(c) for c in text], ["<s>"] + out_chars[:len(ys) - 2]
-    enc, dec, cross = KINDS
-    # kind -> (query labels, key labels, query axis name, key axis name)
-    labels = {enc: (src_labels, src_labels, "source (query)", "source (key)"),
-              dec: (out_chars, tgt_in_labels, "output being predicted", "decoder input"),
-              cross: (out_chars, src_labels, "output being predicted", "source")}
-    paths = []
-    for kind in KINDS:
-        layers = weights[kind]
-        n_layers, H = len(layers), layers[0].shape[0]
-        rows, cols, row_name, col_name = labels[kind]
-        fig, axes = plt.subplots(n_layers, H, squeeze=False, layout="constrained",
-                                 figsize=(H * (0.15 * len(cols) + 0.8), n_layers * (0.15 * len(rows) + 1.0) + 0.3))
-        for i, w in enumerate(layers):
-            for h in range(H):
-                ax = axes[i][h]
-                ax.imshow(w[h], vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest", aspect="equal")
-                ax.set_xticks(range(len(cols)), cols, fontsize=6, rotation=90 if max(map(len, cols)) > 1 else 0)
-                ax.set_yticks(range(len(rows)), rows, fontsize=6)
-                ax.set_title(f"layer {i}, head {h}", fontsize=8)
-                if h == 0:
-                    ax.set_ylabel(row_name, fontsize=7)
-                if i == n_layers - 1:
-                    ax.set_xlabel(col_name, fontsize=7)
-        fig.suptitle(f"{kind}: {text!r} -> {tok.decode(ys[1:])!r}", fontsize=9)
-        path = os.path.join(out_dir, KINDS[kind])
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        paths.append(path)
-    return paths
