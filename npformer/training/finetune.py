@@ -23,11 +23,12 @@ A run never writes into an ``out`` that already holds a checkpoint.
 A BERT checkpoint (an npformer ``pretrain --model bert`` run or an HF directory) is fine-tuned by
 finetune_bert.py instead, through the Trainer; it also takes ``task="qa"``.
 
-With a communicator (``finetune(cfg, comm=...)``; ``mpiexec -n N npformer finetune``, GPT checkpoints)
+With a communicator (``finetune(cfg, comm=...)``; ``mpiexec -n N npformer finetune``) a GPT checkpoint:
 every rank runs the loop on its batch_size / N rows of each batch (the same shuffle on every rank),
 the gradients are averaged over the ranks (the mean of equal shares: the full batch's mean), and
 rank 0 alone locks ``out``, logs, evaluates and writes (docs/distributed.md). Each rank's dropout
-draws from a seed that all ranks draw, each step, from the run's one dropout generator.
+draws from a seed that all ranks draw, each step, from the run's one dropout generator. A BERT
+checkpoint goes to finetune_bert.py over the same ranks (its Trainer takes the communicator).
 """
 
 from __future__ import annotations
@@ -248,12 +249,12 @@ def _finetune_ranks(cfg: FinetuneConfig, log, comm, t_start) -> dict:
         log = _quiet
     with distributed.together(comm):
         cfg = cfg.checked()
-        if is_bert(cfg.ckpt):
-            raise ValueError(f"{cfg.ckpt} is a BERT checkpoint: fine-tuning BERT over ranks (mpiexec) is not "
-                             f"supported yet; run it in one process")
-        if cfg.reinit_layers or cfg.task not in TASKS:
+        bert = is_bert(cfg.ckpt)            # finetune_bert.py trains it over the ranks (below)
+        if (cfg.reinit_layers or cfg.task not in TASKS) and not bert:
             raise ValueError(f"--task {cfg.task} and --reinit-layers need a BERT checkpoint; {cfg.ckpt} is not one")
         distributed.share(cfg.batch_size, comm.rank, comm.size)
+    if bert:
+        return finetune_bert(cfg, log, comm)
     comm.barrier()                          # every rank is past the command line's look at --out
     run = None
     with distributed.together(comm):

@@ -15,17 +15,24 @@ trains the pooler and the head only (a probe of the encoder's features).
 Scores: --task sentiment: accuracy; --task qa: SQuAD's exact match and F1 (data/qa.py) of the best
 span (data/qa_features.best_spans) against the answer, on the held-out splits. The best epoch is
 chosen on the validation split (accuracy, or exact match), the test split is scored once at the end.
+
+Over ranks (``mpiexec -n N npformer finetune``; ``finetune_bert(cfg, log, comm)``) --batch-size stays the
+global batch: every rank loads the same model and data and agrees on the settings (an error or a mismatch
+at start-up ends every rank with one message); the Trainer then runs --batch-size / N examples of each
+batch on each rank (its per_device_train_batch_size, as HF's) from rank 0's weights, and rank 0 alone
+writes --out (the checkpoints, the HF directory, results.json) and scores the splits. docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 import numpy as np
 
-from .. import backend
+from .. import __version__, backend, distributed
 from ..data import WordPieceStream, qa, qa_features, sentiment
 from ..data.wordpiece import WordPieceTokenizer
 from ..models import bert_heads
@@ -136,9 +143,67 @@ def _qa_scorer(features: dict, examples: list):
     return score
 
 
-def finetune_bert(cfg, log=print) -> dict:
-    """Fine-tune the BERT of cfg.ckpt on cfg.task (a checked FinetuneConfig); return a summary dict."""
+def finetune_bert(cfg, log=print, comm=None) -> dict:
+    """Fine-tune the BERT of cfg.ckpt on cfg.task (a checked FinetuneConfig); return a summary dict.
+
+    comm: a communicator to train over its ranks (every rank calls this; the module docstring), or None:
+    this process alone. Ranks other than 0 return {"init", "freeze", "steps", "out"} only."""
     t_start = time.perf_counter()
+    size = 1 if comm is None else comm.size
+    if comm is None:
+        model, tok, data, scorers = _setup(cfg, log)
+    else:
+        with distributed.together(comm):
+            distributed.share(cfg.batch_size, comm.rank, size)           # --batch-size is the global batch
+            model, tok, data, scorers = _setup(cfg, log)
+        distributed.check_same(comm, {"npformer": __version__, "config": dataclasses.asdict(cfg)})
+    root = comm is None or comm.rank == 0
+    n_train, n_test = (len(rows) if isinstance(rows, list) else len(rows["input_ids"])
+                       for rows in (data["train"], data["test"]))
+    trainable = sum(int(p.size) for p in model.parameters() if p.requires_grad)
+    init = "scratch" if cfg.from_scratch else "pretrained"
+    reinit = f" (top {cfg.reinit_layers} layers re-initialised)" if cfg.reinit_layers else ""
+    ranks = (f"; {size} ranks ({comm.name}), {cfg.batch_size // size} examples each of the global batch of "
+             f"{cfg.batch_size}" if size > 1 else "")
+    log(f"{cfg.task}: BERT {init}{reinit} {'frozen encoder (probe)' if cfg.freeze else 'full fine-tuning'}, {trainable:,} "
+        f"trainable parameters, {n_train:,} train examples, device {cfg.device}{ranks}")
+    args = TrainingArguments(cfg.out, num_train_epochs=cfg.max_iters * cfg.batch_size / n_train,
+                             per_device_train_batch_size=cfg.batch_size // size,
+                             per_device_eval_batch_size=cfg.eval_batch_size, eval_strategy="epoch",
+                             learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_iters,
+                             max_grad_norm=cfg.grad_clip, seed=cfg.seed, metric_for_best_model=BEST[cfg.task])
+    trainer = Trainer(model, args, train_dataset=data["train"], eval_dataset=data["val"], processing_class=tok,
+                      compute_metrics=scorers["val"], log=log, comm=comm)
+    result = trainer.train()
+    if not root:                            # rank 0 scores the splits and writes
+        return {"init": init, "freeze": cfg.freeze, "steps": result.global_step, "out": cfg.out}
+    val = trainer.evaluate()
+    trainer.compute_metrics = scorers["test"]
+    test = trainer.evaluate(data["test"], metric_key_prefix="test")
+    from ..interop.pretrained import save_pretrained
+    model_dir = os.path.join(cfg.out, "model")
+    save_pretrained(model.eval(), model_dir, tokenizer=tok)
+    key = BEST[cfg.task]
+    summary = {"init": init, "freeze": cfg.freeze, "reinit_layers": cfg.reinit_layers,
+               "steps": result.global_step, "train_loss": result.training_loss,
+               f"val_{key}": val[f"eval_{key}"], f"test_{key}": test[f"test_{key}"], "n_test": n_test,
+               "trainable": trainable,
+               "best_checkpoint": trainer.state.best_model_checkpoint, "model_dir": model_dir, "out": cfg.out}
+    if cfg.task == "qa":
+        summary.update(val_f1=val["eval_f1"], test_f1=test["test_f1"])
+    summary["seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    scores = (f"test accuracy {summary['test_accuracy']:.4f}" if cfg.task == "sentiment" else
+              f"test exact match {summary['test_exact_match']:.1f}%, F1 {summary['test_f1']:.1f}%")
+    log(f"done in {format_seconds(summary['seconds'])}: {scores} ({summary['n_test']} examples); "
+        f"the best model (HF directory) in {model_dir}")
+    return summary
+
+
+def _setup(cfg, log):
+    """(model (float32, train mode), tokenizer, {"train", "val", "test"} -> dataset, {"val", "test"} ->
+    compute_metrics) for cfg; raises ValueError for --resume, which BERT fine-tuning does not have."""
     if cfg.resume:
         raise ValueError("--resume: BERT fine-tuning runs through the Trainer, which keeps one checkpoint per "
                          "epoch but does not resume; start again with another --out")
@@ -165,40 +230,4 @@ def finetune_bert(cfg, log=print) -> dict:
         feats = {k: qa_features.qa_features(tok, v, max_length) for k, v in splits.items()}
         data = {k: {name: f[name] for name in f if name != "offsets"} for k, f in feats.items()}
         scorers = {k: _qa_scorer(feats[k], splits[k]) for k in ("val", "test")}
-    n_train, n_test = (len(rows) if isinstance(rows, list) else len(rows["input_ids"])
-                       for rows in (data["train"], data["test"]))
-    trainable = sum(int(p.size) for p in model.parameters() if p.requires_grad)
-    init = "scratch" if cfg.from_scratch else "pretrained"
-    reinit = f" (top {cfg.reinit_layers} layers re-initialised)" if cfg.reinit_layers else ""
-    log(f"{cfg.task}: BERT {init}{reinit} {'frozen encoder (probe)' if cfg.freeze else 'full fine-tuning'}, {trainable:,} "
-        f"trainable parameters, {n_train:,} train examples, device {cfg.device}")
-    args = TrainingArguments(cfg.out, num_train_epochs=cfg.max_iters * cfg.batch_size / n_train,
-                             per_device_train_batch_size=cfg.batch_size,
-                             per_device_eval_batch_size=cfg.eval_batch_size, eval_strategy="epoch",
-                             learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_iters,
-                             max_grad_norm=cfg.grad_clip, seed=cfg.seed, metric_for_best_model=BEST[cfg.task])
-    trainer = Trainer(model, args, train_dataset=data["train"], eval_dataset=data["val"], processing_class=tok,
-                      compute_metrics=scorers["val"], log=log)
-    result = trainer.train()
-    val = trainer.evaluate()
-    trainer.compute_metrics = scorers["test"]
-    test = trainer.evaluate(data["test"], metric_key_prefix="test")
-    from ..interop.pretrained import save_pretrained
-    model_dir = os.path.join(cfg.out, "model")
-    save_pretrained(model.eval(), model_dir, tokenizer=tok)
-    key = BEST[cfg.task]
-    summary = {"init": init, "freeze": cfg.freeze, "reinit_layers": cfg.reinit_layers,
-               "steps": result.global_step, "train_loss": result.training_loss,
-               f"val_{key}": val[f"eval_{key}"], f"test_{key}": test[f"test_{key}"], "n_test": n_test,
-               "trainable": trainable,
-               "best_checkpoint": trainer.state.best_model_checkpoint, "model_dir": model_dir, "out": cfg.out}
-    if cfg.task == "qa":
-        summary.update(val_f1=val["eval_f1"], test_f1=test["test_f1"])
-    summary["seconds"] = time.perf_counter() - t_start
-    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    scores = (f"test accuracy {summary['test_accuracy']:.4f}" if cfg.task == "sentiment" else
-              f"test exact match {summary['test_exact_match']:.1f}%, F1 {summary['test_f1']:.1f}%")
-    log(f"done in {format_seconds(summary['seconds'])}: {scores} ({summary['n_test']} examples); "
-        f"the best model (HF directory) in {model_dir}")
-    return summary
+    return model, tok, data, scorers

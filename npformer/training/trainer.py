@@ -21,13 +21,25 @@ checkpoint-N) with meta["trainer_state"] (global_step, epoch, the metrics, log_h
 meta["training_args"]. The best checkpoint by metric_for_best_model ("loss": eval_loss, lower is
 better; greater_is_better as HF's) is state.best_model_checkpoint / state.best_metric; with
 load_best_model_at_end (npformer's default True, HF's False) train() ends by loading its weights
-back into the model (not here: several devices, gradient accumulation, mixed precision, resuming).
+back into the model (not here: gradient accumulation, mixed precision, resuming).
 tokenizer.json: the WordPiece vocabulary (or a tokenizer load_tokenizer reads), else an empty CharTokenizer.
+
+Over ranks (``Trainer(..., comm=distributed.communicator())`` under ``mpiexec -n N``, docs/distributed.md),
+per_device_train_batch_size is each rank's batch, as in HF: one optimizer step takes a global batch of
+per_device_train_batch_size x N examples, and an epoch ceil(examples / global batch) steps. Every rank
+shuffles with the same seed, collates each global batch whole (one padding) and runs its rows of it
+(trainer_data.rank_rows); its gradient, weighted by its share n_r / n of the batch's n examples (1 / N
+but in an epoch's short last batch), is summed over the ranks: one process's step on the global batch,
+to rounding. Dropout: each step every rank draws N seeds from the dropout generator and uses its own.
+Rank 0 alone claims output_dir, evaluates, logs and saves; train() ends with its best weights on every
+rank. A comm of one rank (distributed.SingleProcess) runs the single-process loop unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import inspect
 import math
 import os
@@ -38,7 +50,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .. import backend, random
+from .. import __version__, backend, distributed, random
 from ..autograd import no_grad
 from ..data import CharTokenizer, WordPieceStream, WordPieceTokenizer
 from ..data.tokenizers import TOKENIZERS
@@ -46,7 +58,7 @@ from ..optim import AdamW, clip_grad_norm, set_lr, weight_decay_groups
 from ..tensor import Tensor
 from .checkpoint import load_checkpoint, save_checkpoint
 from .progress import ProgressBar
-from .trainer_data import DataCollatorWithPadding, examples as _examples, join as _join
+from .trainer_data import DataCollatorWithPadding, examples as _examples, join as _join, rank_rows
 
 STRATEGIES = ("no", "epoch")
 LABEL_NAMES = ("labels", "start_positions", "end_positions")     # HF's label_names
@@ -156,10 +168,16 @@ class Trainer:
     end_logits). Datasets: a sequence of dicts (input_ids, attention_mask, token_type_ids, labels / label
     or start_positions and end_positions) or a dict of equal-length columns. processing_class (or its
     older name tokenizer): gives the default collator its pad_token_id. compute_metrics:
-    EvalPrediction -> {name: value}, reported as "eval_" + name. log: prints the per-epoch lines."""
+    EvalPrediction -> {name: value}, reported as "eval_" + name. log: prints the per-epoch lines.
+
+    comm: a communicator (npformer.distributed) to train over its ranks, every rank with the same model,
+    args and datasets; None: this process alone. As in HF, args.per_device_train_batch_size is then the
+    batch of one rank, and a step's global batch is per_device_train_batch_size x comm.size (npformer
+    finetune's --batch-size, by contrast, is the global batch: it passes --batch-size / N here)."""
 
     def __init__(self, model=None, args: TrainingArguments = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, *, compute_metrics=None, tokenizer=None, log=print):
+                 eval_dataset=None, processing_class=None, *, compute_metrics=None, tokenizer=None, log=print,
+                 comm=None):
         if model is None:
             raise ValueError("Trainer: model is required")
         if processing_class is not None and tokenizer is not None and processing_class is not tokenizer:
@@ -169,8 +187,14 @@ class Trainer:
         self.data_collator = data_collator or DataCollatorWithPadding(self.processing_class)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_metrics, self.log = compute_metrics, log
+        self.comm = comm if comm is not None and comm.size > 1 else None     # one rank: the plain loop
+        self.world_size = 1 if self.comm is None else self.comm.size
         self.state = TrainerState()
         self.device = next(iter(model.parameters())).device
+
+    def is_world_process_zero(self) -> bool:
+        """Whether this process is rank 0 (or alone), the one that logs, evaluates and writes (HF's name)."""
+        return self.comm is None or self.comm.rank == 0
 
     def _batches(self, rows: list, order, size: int):
         """Collated batches of rows[order] on the model's device: {name: (B, ...) array}."""
@@ -189,31 +213,66 @@ class Trainer:
         return loss
 
     def _step(self, batch: dict, opt, lr: float) -> float:
-        """One optimizer step at learning rate lr on `batch`; the loss, a float."""
+        """One optimizer step at learning rate lr on `batch` (over ranks: the global batch); the loss, a float."""
         set_lr(opt, lr)
-        loss = self._loss(self.model(**batch), batch, "train")
-        loss.backward()
+        if self.comm is None:
+            loss = self._loss(self.model(**batch), batch, "train")
+            loss.backward()
+        else:
+            value = self._rank_backward(batch)
         if self.args.max_grad_norm > 0:
             clip_grad_norm(self.model.parameters(), self.args.max_grad_norm)
         opt.step()
         opt.zero_grad()
-        value = loss.item()
+        if self.comm is None:
+            value = loss.item()
         if not math.isfinite(value):
-            raise FloatingPointError(f"Trainer.train: the loss became {value} at step {self.state.global_step + 1} "
-                                     f"(try a lower learning_rate)")
+            error = FloatingPointError(f"Trainer.train: the loss became {value} at step {self.state.global_step + 1} "
+                                       f"(try a lower learning_rate)")
+            raise error if self.comm is None else distributed.on_all_ranks(error)    # the same loss on every rank
         return value
+
+    def _rank_backward(self, batch: dict) -> float:
+        """This rank's rows of the global `batch` ((n, ...) arrays) forward and backward, then the gradients
+        summed over the ranks, each weighted by its share n_r / n: every rank holds the gradient of the
+        batch's mean loss (exactly so when the loss is a mean over examples and none is left out: no label
+        -100, no answer position outside the input). Returns that loss (the same float on every rank)."""
+        comm, n = self.comm, len(batch["input_ids"])
+        rows = rank_rows(n, comm.rank, comm.size)
+        weight = (rows.stop - rows.start) / n
+        seeds = random.default_generator(self.device).integers(0, 2**63 - 1, size=comm.size)  # all ranks draw
+        value = 0.0
+        if weight > 0:                                  # a short last batch may leave a rank no rows
+            mine = {k: v[rows] for k, v in batch.items()}                          # (n_r, ...)
+            with random.thread_default_generator(random.Generator(int(seeds[comm.rank]), self.device), self.device):
+                loss = self._loss(self.model(**mine), mine, "train")
+                loss.backward()
+            value = loss.item() * weight
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad = p.grad * weight
+        distributed.allreduce_gradients(self.model, comm, "sum")
+        return float(comm.allreduce(np.array([value], dtype=np.float64), "sum")[0])
 
     def train(self) -> TrainOutput:
         """Train for args.num_train_epochs (see the module docstring); return TrainOutput(global_step,
-        training_loss (the mean over every step), metrics)."""
-        args, model = self.args, self.model
-        if self.train_dataset is None:
-            raise ValueError("Trainer.train: train_dataset is required")
-        if args.eval_strategy == "epoch" and self.eval_dataset is None:
-            raise ValueError("Trainer.train: eval_strategy='epoch' needs an eval_dataset")
-        self._claim_output_dir()
-        rows = _examples(self.train_dataset, "train_dataset")
-        bs = args.per_device_train_batch_size
+        training_loss (the mean over every step), metrics). Over ranks, every rank calls it."""
+        args, model, comm, root = self.args, self.model, self.comm, self.is_world_process_zero()
+        with contextlib.nullcontext() if comm is None else distributed.together(comm):   # one error for all ranks
+            if self.train_dataset is None:
+                raise ValueError("Trainer.train: train_dataset is required")
+            if args.eval_strategy == "epoch" and self.eval_dataset is None:
+                raise ValueError("Trainer.train: eval_strategy='epoch' needs an eval_dataset")
+            if root:
+                self._claim_output_dir()
+            rows = _examples(self.train_dataset, "train_dataset")
+        if comm is not None:                    # every rank the same run, from rank 0's weights
+            ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int64).reshape(-1) for r in rows])
+            distributed.check_same(comm, {"npformer": __version__, "training_args": dataclasses.asdict(args),
+                                          "model": type(model).__name__, "train_examples": len(rows),
+                                          "train_input_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()})
+            distributed.broadcast_parameters(model, comm)
+        bs = args.per_device_train_batch_size * self.world_size                   # the global batch
         steps_per_epoch = math.ceil(len(rows) / bs)
         max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
         self.state = state = TrainerState(max_steps=max_steps, num_train_epochs=math.ceil(args.num_train_epochs))
@@ -221,7 +280,7 @@ class Trainer:
                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         order_rng = np.random.default_rng(args.seed)
         dropout_rng = backend.default_rng(args.seed + 1, self.device)
-        bar = None if args.disable_tqdm else ProgressBar(max_steps)
+        bar = None if args.disable_tqdm or not root else ProgressBar(max_steps)
         losses, t0 = [], time.perf_counter()
         model.train()
         with random.thread_default_generator(dropout_rng, self.device):
@@ -239,6 +298,8 @@ class Trainer:
                 epoch_loss = float(np.mean(epoch_losses))
                 state.log_history.append({"loss": epoch_loss, "learning_rate": lr, "epoch": state.epoch,
                                           "step": state.global_step})
+                if not root:                    # the others go on and wait for rank 0 in the next allreduce
+                    continue
                 metrics = self.evaluate() if args.eval_strategy == "epoch" else {}
                 if metrics:
                     self.log(f"epoch {state.epoch:g}/{args.num_train_epochs:g} (step {state.global_step}): train loss "
@@ -246,10 +307,16 @@ class Trainer:
                 if args.save_strategy == "epoch":
                     self._save(opt, order_rng, dropout_rng, metrics)
         runtime = time.perf_counter() - t0
+        if comm is not None:                    # rank 0's choice, known to every rank
+            state.best_metric, state.best_model_checkpoint = comm.broadcast_json(
+                [state.best_metric, state.best_model_checkpoint])
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            model.load_state_dict(load_checkpoint(state.best_model_checkpoint).model_state)
-            self.log(f"loaded the best model, {state.best_model_checkpoint} (eval_{args.metric_for_best_model} "
-                     f"{state.best_metric:.4f})")
+            if root:
+                model.load_state_dict(load_checkpoint(state.best_model_checkpoint).model_state)
+                self.log(f"loaded the best model, {state.best_model_checkpoint} (eval_{args.metric_for_best_model} "
+                         f"{state.best_metric:.4f})")
+            if comm is not None:
+                distributed.broadcast_parameters(model, comm)
         metrics = {"train_runtime": runtime, "train_loss": float(np.mean(losses)), "epoch": state.epoch}
         state.log_history.append({**metrics, "step": state.global_step})
         return TrainOutput(state.global_step, metrics["train_loss"], metrics)

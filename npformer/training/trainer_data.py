@@ -3,6 +3,7 @@
     examples(dataset, name)          a sequence of dicts, or a dict of equal-length columns -> list of dicts
     DataCollatorWithPadding(tok)     list of example dicts -> dict of (B, ...) arrays, padded on the right
     join(per-batch outputs)          one array per output field, batches concatenated along axis 0
+    rank_rows(n, rank, size)         a rank's rows of a global batch of n examples (over mpiexec ranks)
 """
 
 from __future__ import annotations
@@ -84,3 +85,10 @@ def concat(arrays: list) -> np.ndarray:
     padded = [np.pad(a, [(0, 0)] + [(0, m - s) for m, s in zip(shape, a.shape[1:])], constant_values=-100)
               for a in arrays]
     return np.concatenate(padded)
+
+
+def rank_rows(n: int, rank: int, size: int) -> slice:
+    """Rank `rank`'s rows of a global batch of n examples over `size` ranks: slice(rank * n // size,
+    (rank + 1) * n // size), contiguous; n / size rows each when size divides n (distributed.share),
+    else sizes that differ by one (the short last batch of an epoch; a rank may get none)."""
+    return slice(rank * n // size, (rank + 1) * n // size)
