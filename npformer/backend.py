@@ -163,6 +163,40 @@ def scatter_add_rows(target, index, values) -> None:
         scatter_add(target, index, values)
 
 
+# ----------------------------------------------------------------------------- for NCCL (distributed/nccl.py)
+
+def nccl_module():
+    """cupy.cuda.nccl, CuPy's NCCL bindings; RuntimeError saying what to install when CuPy or the
+    NCCL library is missing."""
+    cp = _import_cupy()
+    if cp is None:
+        raise RuntimeError(f"NCCL needs CuPy ({_cupy_error}): pip install 'npformer[gpu]'")
+    from cupy.cuda import nccl
+    if not getattr(nccl, "available", False):
+        raise RuntimeError("CuPy cannot load the NCCL library: pip install nvidia-nccl-cu12")
+    return nccl
+
+
+def gpu_count() -> int:
+    """The CUDA devices CuPy sees (CuPy must import)."""
+    return _import_cupy().cuda.runtime.getDeviceCount()
+
+
+def use_gpu(index: int) -> None:
+    """Make GPU `index` this process's current device."""
+    _import_cupy().cuda.Device(index).use()
+
+
+def current_stream_ptr() -> int:
+    """The raw handle of CuPy's current stream, for libraries that take one (NCCL)."""
+    return _import_cupy().cuda.get_current_stream().ptr
+
+
+def synchronize() -> None:
+    """Wait for the work queued on CuPy's current stream."""
+    _import_cupy().cuda.get_current_stream().synchronize()
+
+
 def elementwise_pieces(size: int, device: str, piece: int) -> list:
     """Slices cutting `size` elements into runs of `piece` on the CPU, one slice on a GPU.
 

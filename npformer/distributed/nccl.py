@@ -7,7 +7,8 @@ share one 128-byte unique id before the communicator exists; rank 0 makes it
 go through NCCL on CuPy's current stream; host arrays (small control values: a loss, a stop
 flag) and barriers go through the MPI communicator, as do the JSON gathers.
 
-CuPy's NCCL bindings need the NCCL library (``pip install nvidia-nccl-cu12``); `NCCL_NAMES` lists
+CuPy's NCCL bindings (reached through npformer.backend, which holds every CuPy call) need the NCCL
+library (``pip install nvidia-nccl-cu12``); `NCCL_NAMES` lists
 everything of ``cupy.cuda.nccl`` used here (tests/test_distributed.py checks that it exists).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from .comm import Communicator, check_op, check_root
 from .mpi import MPICommunicator
 
@@ -22,17 +24,6 @@ from .mpi import MPICommunicator
 NCCL_NAMES = ("available", "get_unique_id", "NcclCommunicator", "NCCL_SUM", "NCCL_MAX", "NCCL_MIN",
               "NCCL_FLOAT16", "NCCL_FLOAT32", "NCCL_FLOAT64", "NCCL_INT32", "NCCL_INT64")
 NCCL_METHODS = ("allReduce", "bcast", "abort")
-
-
-def _nccl():
-    try:
-        import cupy
-        from cupy.cuda import nccl
-    except ImportError as exc:
-        raise RuntimeError(f"NCCLCommunicator needs CuPy: pip install 'npformer[gpu]'; {exc}") from None
-    if not getattr(nccl, "available", False):
-        raise RuntimeError("NCCLCommunicator: CuPy cannot load the NCCL library; pip install nvidia-nccl-cu12")
-    return cupy, nccl
 
 
 class NCCLCommunicator(Communicator):
@@ -44,15 +35,17 @@ class NCCLCommunicator(Communicator):
         self.mpi = MPICommunicator() if mpi is None else mpi
         self.rank, self.size = self.mpi.rank, self.mpi.size
         self.local_rank, self.local_size = self.mpi.local_rank, self.mpi.local_size
-        cupy, nccl = _nccl()
-        gpus = cupy.cuda.runtime.getDeviceCount()
+        try:
+            nccl = backend.nccl_module()
+        except RuntimeError as exc:
+            raise RuntimeError(f"NCCLCommunicator: {exc}") from None
+        gpus = backend.gpu_count()
         if self.local_size > gpus:
             raise RuntimeError(f"{self.local_size} ranks run on this machine but it has {gpus} GPU(s); "
                                f"start at most one rank per GPU")
-        cupy.cuda.Device(self.local_rank).use()
+        backend.use_gpu(self.local_rank)
         uid = self.mpi.broadcast_json(list(nccl.get_unique_id()) if self.rank == 0 else None)
         self.comm = nccl.NcclCommunicator(self.size, tuple(uid), self.rank)
-        self._cupy = cupy
         self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
         self._types = {np.dtype(np.float16): nccl.NCCL_FLOAT16, np.dtype(np.float32): nccl.NCCL_FLOAT32,
                        np.dtype(np.float64): nccl.NCCL_FLOAT64, np.dtype(np.int32): nccl.NCCL_INT32,
@@ -69,8 +62,7 @@ class NCCLCommunicator(Communicator):
         if isinstance(array, np.ndarray):
             return self.mpi.allreduce(array, op)
         ptr, n, dtype = self._device(array, "allreduce")
-        self.comm.allReduce(ptr, ptr, n, dtype, self._ops[check_op(op)],
-                            self._cupy.cuda.get_current_stream().ptr)
+        self.comm.allReduce(ptr, ptr, n, dtype, self._ops[check_op(op)], backend.current_stream_ptr())
         return array
 
     def broadcast(self, array, root: int = 0):
@@ -78,11 +70,11 @@ class NCCLCommunicator(Communicator):
         if isinstance(array, np.ndarray):
             return self.mpi.broadcast(array, root)
         ptr, n, dtype = self._device(array, "broadcast")
-        self.comm.bcast(ptr, n, dtype, check_root(root, self.size), self._cupy.cuda.get_current_stream().ptr)
+        self.comm.bcast(ptr, n, dtype, check_root(root, self.size), backend.current_stream_ptr())
         return array
 
     def barrier(self) -> None:
-        self._cupy.cuda.get_current_stream().synchronize()
+        backend.synchronize()
         self.mpi.barrier()
 
     def gather_json(self, obj, root: int = 0):
