@@ -56,14 +56,10 @@ def run(args) -> None:
         raise ValueError("--ckpt is required: the pretraining run to fine-tune (with --resume, the run's own)")
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    if distributed.detect() is None:
-        summary = finetune(cfg)
-    else:                                   # mpiexec -n N npformer finetune (docs/distributed.md)
-        comm = distributed.communicator(device=cfg.device or backend.default_device())
-        with distributed.fail_together(comm):
-            summary = finetune(cfg, log=print if comm.rank == 0 else (lambda *a: None), comm=comm)
-        if comm.rank != 0:
-            return
+    # under mpiexec -n N, one of N ranks (docs/distributed.md); finetune quiets the others' log
+    summary, comm = distributed.run_launched(finetune, cfg, cfg.device or backend.default_device())
+    if comm is not None and comm.rank != 0:
+        return
     if "test_accuracy" in summary:
         print(f"test accuracy: {summary['test_accuracy']:.4f} "
               f"({round(summary['test_accuracy'] * summary['n_test'])}/{summary['n_test']})")

@@ -101,9 +101,4 @@ def run(args) -> None:
     from ..training.pretrain import PretrainConfig, pretrain
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    if distributed.detect() is None:
-        pretrain(cfg)
-        return
-    comm = distributed.communicator(device=cfg.device or backend.default_device())
-    with distributed.fail_together(comm):
-        pretrain(cfg, comm=comm)
+    distributed.run_launched(pretrain, cfg, cfg.device or backend.default_device())

@@ -71,9 +71,4 @@ def run(args) -> None:
     from ..training.seq2seq import Seq2SeqTrainConfig, train
     fields = {f.name for f in dataclasses.fields(Seq2SeqTrainConfig)}
     cfg = Seq2SeqTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    if distributed.detect() is None:
-        train(cfg)
-        return
-    comm = distributed.communicator(device=cfg.device or backend.default_device())
-    with distributed.fail_together(comm):
-        train(cfg, comm=comm)
+    distributed.run_launched(train, cfg, cfg.device or backend.default_device())

@@ -14,10 +14,11 @@ from .comm import Communicator, SingleProcess
 from .faults import RankError, agree, check_same, fail_together, on_all_ranks, together
 from .helpers import allreduce_gradients, any_rank, broadcast_optimizer_state, broadcast_parameters
 from .launch import Launch, communicator, detect
+from .runs import claim_on_rank_0, quiet, resume_point, run_launched, stage
 from .sampler import DistributedSampler, share
 from .step import forward_backward, global_shards, rank_pieces
 
 __all__ = ["Communicator", "SingleProcess", "RankError", "agree", "check_same", "fail_together", "on_all_ranks",
            "together", "allreduce_gradients", "any_rank", "broadcast_optimizer_state", "broadcast_parameters",
-           "Launch", "communicator", "detect", "DistributedSampler", "share", "forward_backward", "global_shards",
+           "Launch", "communicator", "detect", "claim_on_rank_0", "quiet", "resume_point", "run_launched", "stage", "DistributedSampler", "share", "forward_backward", "global_shards",
            "rank_pieces"]

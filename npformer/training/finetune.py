@@ -33,7 +33,6 @@ checkpoint goes to finetune_bert.py over the same ranks (its Trainer takes the c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import math
@@ -50,7 +49,7 @@ from ..models.classifier import SequenceClassifier
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .rundir import RunDir, check_resumable, load_for_resume, set_aside
+from .rundir import RunDir, check_resumable, set_aside
 from .stopping import GracefulStop
 from .finetune_bert import HEADS as BERT_TASKS, finetune_bert, is_bert
 from .loading import load_gpt
@@ -246,7 +245,7 @@ def finetune(cfg: FinetuneConfig, log=print, comm=None) -> dict:
 def _finetune_ranks(cfg: FinetuneConfig, log, comm, t_start) -> dict:
     """finetune over the ranks of `comm`: checks agreed by every rank, then rank 0 claims ``out``."""
     if comm.rank != 0:
-        log = _quiet
+        log = distributed.quiet
     with distributed.together(comm):
         cfg = cfg.checked()
         bert = is_bert(cfg.ckpt)            # finetune_bert.py trains it over the ranks (below)
@@ -255,42 +254,26 @@ def _finetune_ranks(cfg: FinetuneConfig, log, comm, t_start) -> dict:
         distributed.share(cfg.batch_size, comm.rank, comm.size)
     if bert:
         return finetune_bert(cfg, log, comm)
-    comm.barrier()                          # every rank is past the command line's look at --out
-    run = None
-    with distributed.together(comm):
-        run = RunDir.claim(cfg.out, "finetune", resume=cfg.resume) if comm.rank == 0 else None
-    with run or contextlib.nullcontext():
+    with distributed.claim_on_rank_0(comm, cfg.out, "finetune", cfg.resume):
         return _finetune(cfg, log, t_start, comm)
 
 
-def _quiet(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
 
-
-def _resume_point(cfg, log, comm):
-    """The checkpoint a resume continues from (rank 0 chooses it and sets damaged ones aside)."""
-    root = comm is None or comm.rank == 0
-    stage = contextlib.nullcontext() if comm is None else distributed.together(comm)
-    with stage:
-        ckpt = load_for_resume(cfg.out) if root else None
-        if root:
-            check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
-            set_aside(cfg.out, ckpt, log)
-    if comm is not None:
-        path = comm.broadcast_json(ckpt.path if root else None)
-        with distributed.together(comm):
-            ckpt = ckpt or load_checkpoint(path)
-    return ckpt
-
+def _checked_resume(cfg, log):
+    """What rank 0 checks of the checkpoint a resume continues from."""
+    def check(ckpt):
+        check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
+        set_aside(cfg.out, ckpt, log)
+    return check
 
 def _finetune(cfg: FinetuneConfig, log, t_start, comm=None) -> dict:
     root = comm is None or comm.rank == 0
-    with contextlib.nullcontext() if comm is None else distributed.together(comm):
+    with distributed.stage(comm):
         pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
-    ckpt = _resume_point(cfg, log, comm) if cfg.resume else None
+    ckpt = distributed.resume_point(cfg.out, comm, _checked_resume(cfg, log)) if cfg.resume else None
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
-    with contextlib.nullcontext() if comm is None else distributed.together(comm):
+    with distributed.stage(comm):
         splits = make_splits()
         data = {name: (*encode_split(tok, texts, config.block_size, cfg.ckpt), labels)
                 for name, (texts, labels) in splits.items()}

@@ -45,7 +45,6 @@ matplotlib is installed) and ``metrics.jsonl``, one JSON object per evaluation
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import math
@@ -57,14 +56,14 @@ from .. import __version__, backend, cpu, distributed, random
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from . import parallel
 from . import workers as shard_workers
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .floors import Floors
 from .memory import format_bytes, shard_plan
 from .objectives import MODELS, RECURRENT, make_objective
 from .metrics import append_metrics, plot_losses, truncate_metrics
 from .progress import ProgressBar, format_seconds
 from .pretrain_setup import setup
-from .rundir import RunDir, load_for_resume
+from .rundir import RunDir
 from .stopping import GracefulStop
 
 class OutOfMemory(RuntimeError):
@@ -208,41 +207,20 @@ def pretrain(cfg: PretrainConfig, log=print, comm=None) -> dict:
         with RunDir.claim(cfg.out, "pretrain", resume=cfg.resume):
             return _pretrain(cfg, log, None)
     if comm.rank != 0:
-        log = _quiet
+        log = distributed.quiet
     if cfg.workers is None:                 # one worker per rank unless --workers says otherwise
         cfg = dataclasses.replace(cfg, workers=1)
     with distributed.together(comm):
         cfg = cfg if cfg.resume else cfg.checked()
-    comm.barrier()                          # every rank is past the command line's look at --out
-    run = None
-    with distributed.together(comm):
-        run = RunDir.claim(cfg.out, "pretrain", resume=cfg.resume) if comm.rank == 0 else None
-    with run or contextlib.nullcontext():
+    with distributed.claim_on_rank_0(comm, cfg.out, "pretrain", cfg.resume):
         return _pretrain(cfg, log, comm)
-
-
-def _quiet(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
-
-
-def _stage(comm):
-    """A start-up stage: with ranks, an error on any of them is raised as one RankError on all."""
-    return contextlib.nullcontext() if comm is None else distributed.together(comm)
 
 
 def _pretrain(cfg: PretrainConfig, log, comm) -> dict:
     t_start = time.perf_counter()
     cpu.tune_allocator()                    # glibc: reuse freed arrays (NPFORMER_TUNE_MALLOC=0: leave it)
-    root = comm is None or comm.rank == 0
-    ckpt = None
-    if cfg.resume:
-        with _stage(comm):                  # rank 0 chooses the checkpoint (skipping damaged ones)
-            ckpt = load_for_resume(cfg.out) if root else None
-        if comm is not None:                # and the others load the one it chose
-            path = comm.broadcast_json(ckpt.path if root else None)
-            with _stage(comm):
-                ckpt = ckpt or load_checkpoint(path)
-    with _stage(comm):
+    ckpt = distributed.resume_point(cfg.out, comm) if cfg.resume else None
+    with distributed.stage(comm):
         cfg, started = setup(cfg, ckpt, log, comm)
     return _train(cfg, ckpt, started, log, comm, t_start)
 

@@ -46,7 +46,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
 from .rundir import RunDir
 from .attention_maps import save_attention_maps
-from .seq2seq_ranks import rank_step, ranks_note, resume_point, stage, start_together, stop_signal, train_ranks
+from .seq2seq_ranks import rank_step, ranks_note, resume_point, start_together, stop_signal, train_ranks
 from .stopping import GracefulStop, Interrupted
 
 # settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
@@ -224,7 +224,7 @@ def _train(cfg: Seq2SeqTrainConfig, log, comm=None) -> dict:
     ckpt = resume_point(cfg, log, comm, RESUME_FIELDS) if cfg.resume else None
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
-    with stage(comm):
+    with distributed.stage(comm):
         test_pairs = task.test_set(cfg.n_test, seed=cfg.seed + 3) if root else []  # rank 0 evaluates
     model, model_meta = build_model(cfg, task, generator=np.random.default_rng(cfg.seed), device=cfg.device)
     opt = Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
@@ -233,7 +233,7 @@ def _train(cfg: Seq2SeqTrainConfig, log, comm=None) -> dict:
     start, train_seconds, results = 0, 0.0, {}
     ranks = 1 if comm is None else comm.size
     if ckpt:
-        with stage(comm):
+        with distributed.stage(comm):
             model.load_state_dict(ckpt.model_state)
             opt.load_state_dict(ckpt.optimizer_state)
             run = ckpt.meta["run"]

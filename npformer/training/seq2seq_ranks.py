@@ -17,55 +17,32 @@ needs only that generator's state. Rank 0 alone claims ``--out``, logs, evaluate
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from .. import __version__, backend, distributed, random
 from ..data.tasks import PAD
-from .checkpoint import load_checkpoint
-from .rundir import RunDir, check_resumable, load_for_resume, set_aside
+from .rundir import check_resumable, set_aside
 
 
 def train_ranks(cfg, log, comm) -> dict:
     """seq2seq.train over the ranks of `comm`: checks agreed by every rank, then rank 0 claims cfg.out."""
     from .seq2seq import _train
     if comm.rank != 0:
-        log = quiet
+        log = distributed.quiet
     with distributed.together(comm):
         cfg = cfg.checked()
         distributed.share(cfg.batch_size, comm.rank, comm.size)       # the global batch splits evenly
-    comm.barrier()                          # every rank is past the command line's look at --out
-    run = None
-    with distributed.together(comm):
-        run = RunDir.claim(cfg.out, "seq2seq", resume=cfg.resume) if comm.rank == 0 else None
-    with run or contextlib.nullcontext():
+    with distributed.claim_on_rank_0(comm, cfg.out, "seq2seq", cfg.resume):
         return _train(cfg, log, comm)
-
-
-def quiet(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
-
-
-def stage(comm):
-    """A start-up stage: with ranks, an error on any of them is raised as one RankError on all."""
-    return contextlib.nullcontext() if comm is None else distributed.together(comm)
 
 
 def resume_point(cfg, log, comm, fields):
     """The checkpoint a resume continues from: rank 0 chooses it (setting damaged ones aside) and
     checks it against `fields` of cfg; the other ranks load the one it chose. comm: None or the run's."""
-    root = comm is None or comm.rank == 0
-    with stage(comm):
-        ckpt = load_for_resume(cfg.out) if root else None
-        if root:
-            check_resumable(cfg, ckpt, "train_config", fields)
-            set_aside(cfg.out, ckpt, log)
-    if comm is not None:
-        path = comm.broadcast_json(ckpt.path if root else None)
-        with stage(comm):
-            ckpt = ckpt or load_checkpoint(path)
-    return ckpt
+    def check(ckpt):
+        check_resumable(cfg, ckpt, "train_config", fields)
+        set_aside(cfg.out, ckpt, log)
+    return distributed.resume_point(cfg.out, comm, check)
 
 
 def start_together(comm, model, opt, facts: dict) -> None:
