@@ -102,7 +102,9 @@ def test_config_errors_name_the_flag():
                       (dict(max_iters=0), "--max-iters"), (dict(label_smoothing=1.0), "--label-smoothing"),
                       (dict(beam_size=0), "--beam-size"), (dict(lr_factor=-1.0), "--lr-factor"),
                       (dict(length_penalty=float("nan")), "--length-penalty must be a finite number"),
-                      (dict(seed=-1), "--seed must be an integer >= 0; got -1")]:
+                      (dict(seed=-1), "--seed must be an integer >= 0; got -1"),
+                      (dict(dropout=1.0), r"--dropout must be in \[0, 1\); got 1.0"),
+                      (dict(dropout=True), r"--dropout must be in \[0, 1\); got True")]:
         with pytest.raises(ValueError, match=match):
             Seq2SeqTrainConfig(**kw).checked()
     assert Seq2SeqTrainConfig(task="numbers").checked().out == "out-seq2seq-numbers"

@@ -77,10 +77,16 @@ def test_topic_words_elsewhere_do_not_count_and_ties_are_refused():
 def test_registered_and_listed_by_the_command(capsys):
     assert "summarize" in TASKS and isinstance(get_task("summarize"), SummarizeTask)
     assert SummarizeTask().max_src_len == summarize.MAX_SRC_LEN == 150
-    assert Seq2SeqTrainConfig(task="summarize").checked().max_iters == DEFAULT_ITERS["summarize"]
+    assert Seq2SeqTrainConfig(task="summarize").checked().max_iters == DEFAULT_ITERS["summarize"] == 6000
+    # summarize trains without dropout unless asked (docs/summarization.md); the other tasks keep 0.1
+    assert Seq2SeqTrainConfig(task="summarize").checked().dropout == 0.0
+    assert Seq2SeqTrainConfig(task="summarize", dropout=0.2).checked().dropout == 0.2
+    assert Seq2SeqTrainConfig(task="copy").checked().dropout == 0.1
     with pytest.raises(SystemExit):
         main(["seq2seq", "--help"])
-    assert "--task TASK one of copy, reverse, numbers, dates, summarize" in " ".join(capsys.readouterr()[0].split())
+    help_text = " ".join(capsys.readouterr()[0].split())
+    assert "--task TASK one of copy, reverse, numbers, dates, summarize" in help_text
+    assert "None: 0.1, except summarize 0.0" in help_text
 
 
 def test_draws_are_seeded(pairs):

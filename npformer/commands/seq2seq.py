@@ -17,7 +17,7 @@ from ..data.tasks import TASKS
 
 
 def add_parser(subparsers) -> None:
-    from ..training.seq2seq import DEFAULT_ITERS, Seq2SeqTrainConfig
+    from ..training.seq2seq import DEFAULT_DROPOUT, DEFAULT_ITERS, TASK_DROPOUT, Seq2SeqTrainConfig
     d = Seq2SeqTrainConfig()
     p = subparsers.add_parser("seq2seq", help="train an encoder-decoder Transformer on a toy task "
                                               f"({', '.join(TASKS)})",
@@ -33,7 +33,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--nhead", type=int, default=d.nhead, help="attention heads")
     g.add_argument("--num-layers", type=int, default=d.num_layers, help="encoder layers = decoder layers")
     g.add_argument("--dim-feedforward", type=int, default=d.dim_feedforward, help="feed-forward width")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="on sub-layer outputs, embeddings, attention")
+    g.add_argument("--dropout", type=float, default=None,
+                   help=f"on sub-layer outputs, embeddings, attention; None: {DEFAULT_DROPOUT}, except "
+                        + ", ".join(f"{k} {v}" for k, v in TASK_DROPOUT.items()))
     g = p.add_argument_group("optimisation (Adam betas (0.9, 0.98), eps 1e-9, the paper's schedule)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="examples per step (under mpiexec: the global batch, split evenly across the ranks)")
