@@ -20,5 +20,5 @@ from .step import forward_backward, global_shards, rank_pieces
 
 __all__ = ["Communicator", "SingleProcess", "RankError", "agree", "check_same", "fail_together", "on_all_ranks",
            "together", "allreduce_gradients", "any_rank", "broadcast_optimizer_state", "broadcast_parameters",
-           "Launch", "communicator", "detect", "claim_on_rank_0", "quiet", "resume_point", "run_launched", "stage", "DistributedSampler", "share", "forward_backward", "global_shards",
-           "rank_pieces"]
+           "Launch", "communicator", "detect", "claim_on_rank_0", "quiet", "resume_point", "run_launched", "stage",
+           "DistributedSampler", "share", "forward_backward", "global_shards", "rank_pieces"]

@@ -49,7 +49,7 @@ from ..models.classifier import SequenceClassifier
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW, clip_grad_norm, set_lr, warmup_cosine, weight_decay_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .rundir import RunDir, check_resumable, set_aside
+from .rundir import RunDir, resume_check
 from .stopping import GracefulStop
 from .finetune_bert import HEADS as BERT_TASKS, finetune_bert, is_bert
 from .loading import load_gpt
@@ -258,19 +258,11 @@ def _finetune_ranks(cfg: FinetuneConfig, log, comm, t_start) -> dict:
         return _finetune(cfg, log, t_start, comm)
 
 
-
-def _checked_resume(cfg, log):
-    """What rank 0 checks of the checkpoint a resume continues from."""
-    def check(ckpt):
-        check_resumable(cfg, ckpt, "finetune_config", RESUME_FIELDS)
-        set_aside(cfg.out, ckpt, log)
-    return check
-
 def _finetune(cfg: FinetuneConfig, log, t_start, comm=None) -> dict:
     root = comm is None or comm.rank == 0
     with distributed.stage(comm):
         pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
-    ckpt = distributed.resume_point(cfg.out, comm, _checked_resume(cfg, log)) if cfg.resume else None
+    ckpt = distributed.resume_point(cfg.out, comm, resume_check(cfg, "finetune_config", RESUME_FIELDS, log)) if cfg.resume else None
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
     with distributed.stage(comm):

@@ -119,6 +119,15 @@ def load_for_resume(out: str):
     return load_checkpoint(out, fallback=True)
 
 
+def resume_check(cfg, settings_key: str, fields, log):
+    """What rank 0 (or the one process) checks of the checkpoint a resume continues from, for
+    distributed.resume_point: its settings (check_resumable), then set the damaged ones aside."""
+    def check(ckpt):
+        check_resumable(cfg, ckpt, settings_key, fields)
+        set_aside(cfg.out, ckpt, log)
+    return check
+
+
 def set_aside(out: str, ckpt, log) -> None:
     """Once the resume is accepted: name the damaged checkpoints skipped to reach `ckpt`, and move
     them aside as damaged-ckpt-* (kept for inspection, never reused)."""

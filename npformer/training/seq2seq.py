@@ -44,9 +44,9 @@ from ..nn import functional as F
 from ..optim import Adam, noam, set_lr
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .progress import ProgressBar, format_seconds
-from .rundir import RunDir
+from .rundir import RunDir, resume_check
 from .attention_maps import save_attention_maps
-from .seq2seq_ranks import rank_step, ranks_note, resume_point, start_together, stop_signal, train_ranks
+from .seq2seq_ranks import rank_step, ranks_note, start_together, stop_signal, train_ranks
 from .stopping import GracefulStop, Interrupted
 
 # settings a resumed run must share with its checkpoint (the others, e.g. --max-iters, may change)
@@ -227,7 +227,8 @@ def train(cfg: Seq2SeqTrainConfig, log=print, comm=None) -> dict:
 
 def _train(cfg: Seq2SeqTrainConfig, log, comm=None) -> dict:
     root = comm is None or comm.rank == 0
-    ckpt = resume_point(cfg, log, comm, RESUME_FIELDS) if cfg.resume else None
+    ckpt = distributed.resume_point(cfg.out, comm, resume_check(cfg, "train_config", RESUME_FIELDS, log)) \
+        if cfg.resume else None
     task = get_task(cfg.task)
     tok = TaskTokenizer.for_task(task)
     with distributed.stage(comm):

@@ -21,7 +21,6 @@ import numpy as np
 
 from .. import __version__, backend, distributed, random
 from ..data.tasks import PAD
-from .rundir import check_resumable, set_aside
 
 
 def train_ranks(cfg, log, comm) -> dict:
@@ -34,15 +33,6 @@ def train_ranks(cfg, log, comm) -> dict:
         distributed.share(cfg.batch_size, comm.rank, comm.size)       # the global batch splits evenly
     with distributed.claim_on_rank_0(comm, cfg.out, "seq2seq", cfg.resume):
         return _train(cfg, log, comm)
-
-
-def resume_point(cfg, log, comm, fields):
-    """The checkpoint a resume continues from: rank 0 chooses it (setting damaged ones aside) and
-    checks it against `fields` of cfg; the other ranks load the one it chose. comm: None or the run's."""
-    def check(ckpt):
-        check_resumable(cfg, ckpt, "train_config", fields)
-        set_aside(cfg.out, ckpt, log)
-    return distributed.resume_point(cfg.out, comm, check)
 
 
 def start_together(comm, model, opt, facts: dict) -> None:
