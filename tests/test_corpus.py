@@ -129,13 +129,19 @@ def test_context_floor_does_not_grow_with_the_block_size(monkeypatch):
     """pretrain prints the floor in its first line: at --block-size 50000 it must not scan 50000
     positions (it did, for minutes). Past 256 positions the floor is taken at the entropy rate."""
     lang = ToyLanguage(seed=0)
-    asked = []
+    asked, losses = [], {}                      # the spy keeps what it returned (256 positions take seconds)
     windowed = ToyLanguage.windowed_loss
-    monkeypatch.setattr(ToyLanguage, "windowed_loss", lambda self, n, **kw: asked.append(n) or windowed(self, n, **kw))
-    head = windowed(lang, 256)
-    assert lang.context_floor(50_000) == pytest.approx((head.sum() + (50_000 - 256) * lang.entropy_rate()) / 50_000,
-                                                       rel=1e-12)
-    assert lang.context_floor(100) == pytest.approx(windowed(lang, 100).mean(), rel=1e-12)   # exact when short
+
+    def spy(self, n, **kw):
+        asked.append(n)
+        losses[n] = windowed(self, n, **kw)
+        return losses[n].copy()
+
+    monkeypatch.setattr(ToyLanguage, "windowed_loss", spy)
+    floor = lang.context_floor(50_000)
+    assert asked == [256]
+    assert floor == pytest.approx((losses[256].sum() + (50_000 - 256) * lang.entropy_rate()) / 50_000, rel=1e-12)
+    assert lang.context_floor(100) == pytest.approx(losses[100].mean(), rel=1e-12)   # exact when short
     assert asked == [256, 100]
 
 

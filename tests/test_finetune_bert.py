@@ -16,6 +16,8 @@ from tests.test_pretrain import quiet, tiny
 
 pytest.importorskip("safetensors.numpy")           # the fine-tuned model is saved as an HF directory
 
+QA_TRAIN = 100
+
 
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory):
@@ -29,6 +31,8 @@ def bert_run(tmp_path_factory):
 
 
 def run(tmp_path, ckpt, task, **kw):
+    if task == "qa":                # 100 training questions: drawing and featurising 4,000 took seconds
+        kw.setdefault("train_examples", QA_TRAIN)
     cfg = FinetuneConfig(ckpt=ckpt, task=task, out=str(tmp_path / "ft"), max_iters=3, batch_size=8,
                          eval_batch_size=200, device="cpu", **kw)
     lines = []
@@ -102,7 +106,7 @@ def test_reinit_layers_is_refused_where_it_means_nothing(tmp_path, bert_run):
 def test_question_answering_reports_exact_match_and_f1(tmp_path, bert_run, capsys):
     out = str(tmp_path / "qa")
     assert cli.main(["finetune", "--ckpt", bert_run, "--task", "qa", "--out", out, "--max-iters", "2",
-                     "--batch-size", "8"]) == 0
+                     "--batch-size", "8", "--train-examples", str(QA_TRAIN)]) == 0
     printed = capsys.readouterr().out
     assert "test exact match: " in printed and "(1000 questions)" in printed
     results = json.load(open(f"{out}/results.json", encoding="utf-8"))
@@ -171,10 +175,10 @@ def test_answer_questions_returns_spans_of_the_contexts(tmp_path, bert_run):
 
 
 def test_more_training_questions_are_scored_on_the_same_test_questions(tmp_path, bert_run, capsys):
-    summary, lines = run(tmp_path, bert_run, "qa", train_examples=600)
-    assert "600 train examples" in lines[1]
-    with pytest.raises(ValueError, match="--train-examples is a positive integer for --task qa; got 600 for --task "
+    summary, lines = run(tmp_path, bert_run, "qa", train_examples=200)
+    assert "200 train examples" in lines[1]
+    with pytest.raises(ValueError, match="--train-examples is a positive integer for --task qa; got 200 for --task "
                                          "sentiment"):
-        run(tmp_path, bert_run, "sentiment", train_examples=600)
+        run(tmp_path, bert_run, "sentiment", train_examples=200)
     with pytest.raises(ValueError, match="--train-examples is a positive integer for --task qa; got 0"):
         run(tmp_path, bert_run, "qa", train_examples=0)
