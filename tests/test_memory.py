@@ -53,16 +53,16 @@ def _measure(mode, settings):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cfg(**kw):
+    kw.setdefault("device", "cpu")
+    return PretrainConfig(**kw).checked()
+
+
 def _estimate(settings):
     """memory.estimate_pretrain for MEASURED's settings, as the benchmark builds it."""
     settings = dict(settings)
     vocab_size = settings.pop("vocab_size")
-    return memory.estimate_pretrain(dataclasses.replace(PretrainConfig(device="cpu"), **settings).checked(), vocab_size)
-
-
-def _cfg(**kw):
-    kw.setdefault("device", "cpu")
-    return PretrainConfig(**kw).checked()
+    return memory.estimate_pretrain(_cfg(**settings), vocab_size)
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -85,7 +85,8 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(name):
     r = _measure(mode, settings)                     # one interpreter per case: xdist spreads them
     assert r["measured"] > 80 * MiB, r                  # large enough that the interpreter's noise is small
     assert 0.7 <= r["estimate"] / r["measured"] <= 1.3, (name, r)
-    assert r["estimate"] == (_estimate(settings).eval_bytes if mode == "eval" else _estimate(settings).train_bytes)
+    est = _estimate(settings)
+    assert r["estimate"] == (est.eval_bytes if mode == "eval" else est.train_bytes)
     if mode == "train":
         assert len(r["workers"]) == settings["workers"] - 1      # the parent and one forked worker
 

@@ -262,7 +262,8 @@ def _finetune(cfg: FinetuneConfig, log, t_start, comm=None) -> dict:
     root = comm is None or comm.rank == 0
     with distributed.stage(comm):
         pretrained, tok = load_gpt(cfg.ckpt, device=cfg.device)
-    ckpt = distributed.resume_point(cfg.out, comm, resume_check(cfg, "finetune_config", RESUME_FIELDS, log)) if cfg.resume else None
+    ckpt = distributed.resume_point(cfg.out, comm, resume_check(cfg, "finetune_config", RESUME_FIELDS, log)) \
+        if cfg.resume else None
     config = pretrained.config
     make_splits, label_names = TASKS[cfg.task]
     with distributed.stage(comm):
